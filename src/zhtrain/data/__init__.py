@@ -1,0 +1,1 @@
+"""Data stages: plain-text folders -> token blocks (text.py)."""

@@ -1,0 +1,412 @@
+"""A folder of `*.txt` files -> cached token arrays -> fixed-length training blocks.
+
+Each non-blank line is one document: `[BOS] tokens [EOS]` (the seed's script added no EOS, so
+documents ran into each other; here the model learns where a document ends). Files are read as
+a stream of line batches, so a file larger than memory is never loaded whole. Each file's tokens
+are cached as one flat array (uint16 when the vocabulary allows) under `--data_cache_dir`, keyed
+by the file's content hash, the tokenizer's fingerprint and the format version. Blocks are cut
+from the concatenation of all files at training time, so a new `--block_size` reuses the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from zhtrain.errors import ZhtrainError
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+BATCH_BYTES = 1 << 20  # tokenize ~1 MB of text at a time: memory stays flat, batches stay efficient
+SPLIT_SEED = 1234  # fixed so that --seed $RANDOM (as in run_pt.sh) never moves blocks between splits
+
+Encoder = Callable[[list[str]], list[list[int]]]
+
+
+@dataclass
+class CachedFile:
+    source: Path
+    tokens_path: Path
+    n_tokens: int
+    n_lines: int
+    dtype: str
+    from_cache: bool
+
+
+@dataclass
+class TextDataStats:
+    files: int = 0
+    skipped_empty: list[str] = field(default_factory=list)
+    lines: int = 0
+    tokens: int = 0
+    train_blocks: int = 0
+    eval_blocks: int = 0
+    block_size: int = 0
+    tokenized_tokens: int = 0  # tokens produced in this run (not read from the cache)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        rate = self.tokenized_tokens / self.seconds if self.seconds > 0 and self.tokenized_tokens else 0.0
+        cached = self.tokens - self.tokenized_tokens
+        return (
+            f"data: {self.files} files, {self.lines:,} lines, {self.tokens:,} tokens "
+            f"({cached:,} from cache), {self.train_blocks:,} train + {self.eval_blocks:,} eval blocks of "
+            f"{self.block_size}; tokenized {self.tokenized_tokens:,} tokens in {self.seconds:.1f}s "
+            f"({rate:,.0f} tokens/s)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and reading the files
+
+
+def find_text_files(dataset_dir: Optional[str], debug_mode: bool = False) -> list[Path]:
+    if not dataset_dir:
+        raise ZhtrainError("--dataset_dir is required: a folder of plain-text *.txt files")
+    folder = Path(dataset_dir)
+    if not folder.is_dir():
+        raise ZhtrainError(f"--dataset_dir {folder}: no such folder; pass a folder of *.txt files")
+    files = sorted(p for p in folder.glob("*.txt") if p.is_file())
+    if not files:
+        raise ZhtrainError(f"--dataset_dir {folder}: no *.txt files in it; put plain-text UTF-8 files there")
+    return files[:1] if debug_mode else files
+
+
+def iter_line_batches(path: Path, batch_bytes: int = BATCH_BYTES) -> Iterator[list[str]]:
+    """Yield batches of non-blank lines, decoding strictly so a bad byte is reported, not garbled."""
+    batch: list[str] = []
+    size = 0
+    offset = 0
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if b"\x00" in raw:
+                raise ZhtrainError(
+                    f"{path}: NUL byte at byte {offset + raw.index(0)} (line {line_no}): this looks like a "
+                    "binary file, not text; remove it from --dataset_dir"
+                )
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ZhtrainError(
+                    f"{path}: not valid UTF-8 at byte {offset + err.start} (line {line_no}); convert the file "
+                    "(e.g. iconv -f GB18030 -t UTF-8) or move it out of --dataset_dir"
+                ) from None
+            offset += len(raw)
+            text = text.rstrip("\r\n")
+            if not text.strip():
+                continue
+            batch.append(text)
+            size += len(raw)
+            if size >= batch_bytes:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizing
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Changes whenever the tokenizer would produce different ids."""
+    digest = hashlib.blake2b(digest_size=16)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode("utf-8"))
+    else:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode("utf-8"))
+    digest.update(json.dumps([type(tokenizer).__name__, tokenizer.bos_token_id, tokenizer.eos_token_id, len(tokenizer)]).encode())
+    return digest.hexdigest()
+
+
+def hf_encoder(tokenizer) -> Encoder:
+    """Batch-encode without special tokens (BOS/EOS are added explicitly per document)."""
+
+    def encode(lines: list[str]) -> list[list[int]]:
+        return tokenizer(lines, add_special_tokens=False)["input_ids"]
+
+    return encode
+
+
+class DocumentEncoder:
+    """lines -> one flat array `[BOS] a.. [EOS] [BOS] b.. [EOS]`; picklable for worker processes."""
+
+    def __init__(self, encode: Encoder, bos_id: Optional[int], eos_id: Optional[int], dtype: np.dtype):
+        self.encode = encode
+        self.bos = [bos_id] if bos_id is not None else []
+        self.eos = [eos_id] if eos_id is not None else []
+        self.dtype = dtype
+
+    def __call__(self, lines: list[str]) -> np.ndarray:
+        flat: list[int] = []
+        for ids in self.encode(lines):
+            flat.extend(self.bos)
+            flat.extend(ids)
+            flat.extend(self.eos)
+        return np.asarray(flat, dtype=self.dtype)
+
+
+_WORKER_ENCODER: Optional[DocumentEncoder] = None
+
+
+def _worker_init(encoder: DocumentEncoder) -> None:
+    global _WORKER_ENCODER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process = one core; no nested thread pools
+    _WORKER_ENCODER = encoder
+
+
+def _worker_encode(lines: list[str]) -> np.ndarray:
+    assert _WORKER_ENCODER is not None
+    return _WORKER_ENCODER(lines)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
+
+
+def encode_file_to(path: Path, out_path: Path, encoder: DocumentEncoder, workers: int, progress) -> tuple[int, int]:
+    """Stream one file through the encoder into `out_path` (written to a temp name, then renamed)."""
+    tmp_path = out_path.with_name(f"{out_path.name}.tmp-{os.getpid()}")
+    n_tokens = n_lines = 0
+    pool = None
+    try:
+        batches = iter_line_batches(path)
+        if workers > 1 and path.stat().st_size > 2 * BATCH_BYTES:
+            pool = multiprocessing.get_context("fork").Pool(workers, initializer=_worker_init, initargs=(encoder,))
+            arrays = pool.imap(_worker_encode, _count_lines(batches, progress), chunksize=1)
+        else:
+            arrays = map(encoder, _count_lines(batches, progress))
+        with open(tmp_path, "wb") as out:
+            for array in arrays:
+                out.write(array.tobytes())
+                n_tokens += int(array.size)
+                progress.update_tokens(int(array.size))
+        n_lines = progress.file_lines
+        os.replace(tmp_path, out_path)
+    finally:
+        if pool is not None:
+            pool.terminate()
+        if tmp_path.exists():
+            tmp_path.unlink()
+    return n_tokens, n_lines
+
+
+def _count_lines(batches: Iterator[list[str]], progress) -> Iterator[list[str]]:
+    for batch in batches:
+        progress.file_lines += len(batch)
+        yield batch
+
+
+class _Progress:
+    """tqdm over files, with the running token count shown beside it."""
+
+    def __init__(self, total_files: int, enabled: bool):
+        self.bar = tqdm(total=total_files, desc="tokenizing", unit="file", disable=not enabled)
+        self.tokens = 0
+        self.file_lines = 0
+
+    def update_tokens(self, n: int) -> None:
+        self.tokens += n
+        self.bar.set_postfix(tokens=f"{self.tokens:,}", refresh=False)
+
+    def next_file(self) -> None:
+        self.bar.update(1)
+        self.file_lines = 0
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def build_token_cache(
+    files: Sequence[Path],
+    tokenizer,
+    cache_dir: Path,
+    workers: int = 1,
+    encoder: Optional[Encoder] = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> tuple[list[CachedFile], TextDataStats]:
+    """Tokenize each file once; a finished file's cache survives a crash in a later file."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    dtype = token_dtype(len(tokenizer))
+    doc_encoder = DocumentEncoder(encoder or hf_encoder(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, dtype)
+    workers = max(1, min(workers or 1, os.cpu_count() or 1))
+    stats = TextDataStats()
+    cached: list[CachedFile] = []
+    progress = _Progress(len(files), show_progress)
+    start = time.perf_counter()
+    try:
+        for path in files:
+            if path.stat().st_size == 0:
+                logger.warning("%s: empty file, skipped", path)
+                stats.skipped_empty.append(str(path))
+                progress.next_file()
+                continue
+            key = hashlib.blake2b(
+                f"{file_digest(path)}|{fingerprint}|{FORMAT_VERSION}".encode(), digest_size=10
+            ).hexdigest()
+            tokens_path = cache_dir / f"{path.stem}-{key}.tokens"
+            meta_path = tokens_path.with_suffix(".json")
+            meta = _read_meta(meta_path) if not overwrite else None
+            if meta is not None and tokens_path.exists() and tokens_path.stat().st_size == meta["n_tokens"] * dtype.itemsize:
+                entry = CachedFile(path, tokens_path, meta["n_tokens"], meta["n_lines"], meta["dtype"], True)
+                progress.update_tokens(entry.n_tokens)
+            else:
+                n_tokens, n_lines = encode_file_to(path, tokens_path, doc_encoder, workers, progress)
+                entry = CachedFile(path, tokens_path, n_tokens, n_lines, dtype.name, False)
+                _write_json_atomic(
+                    meta_path,
+                    {"source": str(path), "n_tokens": n_tokens, "n_lines": n_lines, "dtype": dtype.name,
+                     "tokenizer": fingerprint, "format_version": FORMAT_VERSION},
+                )
+                stats.tokenized_tokens += n_tokens
+            progress.next_file()
+            if entry.n_tokens == 0:
+                logger.warning("%s: only blank lines, skipped", path)
+                stats.skipped_empty.append(str(path))
+                continue
+            cached.append(entry)
+            stats.lines += entry.n_lines
+            stats.tokens += entry.n_tokens
+    finally:
+        progress.close()
+    stats.files = len(cached)
+    stats.seconds = time.perf_counter() - start
+    if not cached:
+        raise ZhtrainError(
+            f"no text in {len(files)} *.txt file(s) under {files[0].parent if files else '--dataset_dir'}: "
+            "all are empty or blank; add UTF-8 text, one document per line"
+        )
+    return cached, stats
+
+
+def _read_meta(path: Path) -> Optional[dict]:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        return meta if meta.get("format_version") == FORMAT_VERSION else None
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+
+
+class TokenBlocks(torch.utils.data.Dataset):
+    """Blocks `block_size` long cut from the concatenation of the cached files (opened lazily)."""
+
+    def __init__(self, files: Sequence[CachedFile], block_size: int, indices: Sequence[int]):
+        self.paths = [str(f.tokens_path) for f in files]
+        self.dtypes = [f.dtype for f in files]
+        self.starts = np.cumsum([0] + [f.n_tokens for f in files])
+        self.block_size = block_size
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self._arrays: Optional[list[np.ndarray]] = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _open(self) -> list[np.ndarray]:
+        if self._arrays is None:
+            self._arrays = [np.memmap(p, dtype=d, mode="r") for p, d in zip(self.paths, self.dtypes)]
+        return self._arrays
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_arrays"] = None  # a memmap would be pickled as a full in-memory copy
+        return state
+
+    def tokens(self, start: int, end: int) -> np.ndarray:
+        arrays = self._open()
+        end = min(end, int(self.starts[-1]))
+        pieces = []
+        file_index = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while start < end:
+            local = start - int(self.starts[file_index])
+            take = min(end - start, arrays[file_index].size - local)
+            pieces.append(np.asarray(arrays[file_index][local : local + take], dtype=np.int64))
+            start += take
+            file_index += 1
+        return np.concatenate(pieces)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        block = int(self.indices[i])
+        ids = torch.from_numpy(self.tokens(block * self.block_size, (block + 1) * self.block_size))
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+def count_blocks(total_tokens: int, block_size: int) -> int:
+    """Full blocks only; a corpus shorter than one block gives a single short block (as the seed)."""
+    return max(1, total_tokens // block_size)
+
+
+def split_indices(n_blocks: int, fraction: float, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """`fraction` of the blocks (at least one when > 0, never all) go to validation."""
+    if not 0 <= fraction < 1:
+        raise ZhtrainError(
+            f"--validation_split_percentage {fraction}: must be a fraction in [0, 1) as in the seed (0.001 = 0.1%)"
+        )
+    n_eval = min(math.ceil(n_blocks * fraction), n_blocks - 1) if fraction > 0 else 0
+    order = np.random.default_rng(seed).permutation(n_blocks)
+    return np.sort(order[n_eval:]), np.sort(order[:n_eval])
+
+
+def load_text_blocks(
+    dataset_dir: str,
+    tokenizer,
+    block_size: int,
+    cache_dir: str,
+    validation_fraction: float,
+    workers: int = 1,
+    debug_mode: bool = False,
+    overwrite_cache: bool = False,
+    max_train_samples: Optional[int] = None,
+    max_eval_samples: Optional[int] = None,
+    encoder: Optional[Encoder] = None,
+    show_progress: bool = True,
+) -> tuple[TokenBlocks, Optional[TokenBlocks], TextDataStats]:
+    """The data recipe: find files -> tokenize (or reuse the cache) -> cut blocks -> split."""
+    files = find_text_files(dataset_dir, debug_mode)
+    cached, stats = build_token_cache(files, tokenizer, Path(cache_dir), workers, encoder, overwrite_cache, show_progress)
+    n_blocks = count_blocks(stats.tokens, block_size)
+    if stats.tokens < block_size:
+        logger.warning("only %d tokens, fewer than --block_size %d: training on one short block", stats.tokens, block_size)
+    train_idx, eval_idx = split_indices(n_blocks, validation_fraction)
+    if max_train_samples is not None:
+        train_idx = train_idx[:max_train_samples]
+    if max_eval_samples is not None:
+        eval_idx = eval_idx[:max_eval_samples]
+    stats.block_size = block_size
+    stats.train_blocks, stats.eval_blocks = len(train_idx), len(eval_idx)
+    train = TokenBlocks(cached, block_size, train_idx)
+    evaluation = TokenBlocks(cached, block_size, eval_idx) if len(eval_idx) else None
+    return train, evaluation, stats

@@ -1,0 +1,194 @@
+"""Around the HF Trainer: output folder and resume, adapter saving, metrics, run summary.
+
+Everything a run does is visible in the stage recipes (`pretrain.py`); this module holds the
+pieces they share.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainerCallback, default_data_collator
+from transformers.trainer_utils import get_last_checkpoint
+
+from zhtrain.errors import ZhtrainError
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "zhtrain_run.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Output folder, resume
+
+
+def prepare_output_dir(training_args, identity: dict) -> Optional[str]:
+    """Decide where training starts: a checkpoint to resume from, or None for a fresh run.
+
+    Checkpoints of the same run (same model, tokenizer, data, LoRA shape) are resumed
+    automatically; checkpoints of a different run are an error unless --overwrite_output_dir.
+    """
+    out = Path(training_args.output_dir)
+    requested = training_args.resume_from_checkpoint
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    resume: Optional[str] = None
+    if requested and requested.lower() not in ("true", "false"):
+        if not Path(requested).is_dir():
+            raise ZhtrainError(f"--resume_from_checkpoint {requested}: no such folder; pass a checkpoint-N folder")
+        resume = requested
+    elif last and not training_args.overwrite_output_dir:
+        recorded = _read_run_file(out / RUN_FILE)
+        if recorded is not None and recorded != identity:
+            changed = sorted(k for k in set(recorded) | set(identity) if recorded.get(k) != identity.get(k))
+            raise ZhtrainError(
+                f"--output_dir {out} holds checkpoints of a different run (differs in: {', '.join(changed)}); "
+                "pass --overwrite_output_dir to start afresh there, or choose another --output_dir"
+            )
+        resume = last
+    if training_args.should_save:
+        out.mkdir(parents=True, exist_ok=True)
+        if training_args.overwrite_output_dir and not resume:
+            for old in out.glob("checkpoint-*"):
+                shutil.rmtree(old, ignore_errors=True)
+        write_json_atomic(out / RUN_FILE, identity)
+    if resume:
+        logger.info("resuming from %s", resume)
+    return resume
+
+
+def _read_run_file(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving the adapter folder (pt_lora_model / sft_lora_model)
+
+
+def replace_dir(tmp: Path, dest: Path) -> None:
+    """Move a finished temp folder into place; the old folder stays until the new one is there."""
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_adapter(model, tokenizer, sentencepiece_model: Optional[Path], dest: Path) -> Path:
+    """Write a self-contained adapter folder: LoRA + full modules_to_save weights (once), config, tokenizer."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    # save_embedding_layers=False: embed_tokens/lm_head are already saved in full as modules_to_save;
+    # PEFT's "auto" would add two more copies after a resize (gigabytes for a 7B model).
+    model.save_pretrained(str(tmp), save_embedding_layers=False, safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    if sentencepiece_model is not None:
+        shutil.copyfile(sentencepiece_model, tmp / "tokenizer.model")  # transformers 5 no longer writes it
+    replace_dir(tmp, dest)
+    return dest
+
+
+class SaveAdapterCallback(TrainerCallback):
+    """`<output_dir>/checkpoint-N/<folder>/` at each save and `<output_dir>/<folder>/` at the end."""
+
+    def __init__(self, tokenizer, sentencepiece_model: Optional[Path], folder: str = "pt_lora_model"):
+        self.tokenizer = tokenizer
+        self.sentencepiece_model = sentencepiece_model
+        self.folder = folder
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            save_adapter(model, self.tokenizer, self.sentencepiece_model, checkpoint / self.folder)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero:
+            path = save_adapter(model, self.tokenizer, self.sentencepiece_model, Path(args.output_dir) / self.folder)
+            logger.info("adapter written to %s", path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def logits_to_predictions(logits, labels):
+    """Keep what the metrics need (argmax and per-token NLL), not [batch, block, vocab] logits."""
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    shifted = logits[:, :-1, :].float()
+    targets = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1), reduction="none", ignore_index=-100
+    ).view_as(targets)
+    return shifted.argmax(-1), nll
+
+
+def token_metrics(eval_prediction) -> dict:
+    (predictions, nll), labels = eval_prediction.predictions, eval_prediction.label_ids
+    targets = labels[:, 1:]
+    mask = targets != -100
+    accuracy = float((predictions == targets)[mask].mean()) if mask.any() else float("nan")
+    mean_nll = float(nll[mask].mean()) if mask.any() else float("nan")
+    return {"accuracy": accuracy, "perplexity": math.exp(min(mean_nll, 700.0))}
+
+
+def build_trainer(model, training_args, train_dataset, eval_dataset, tokenizer, callbacks, data_collator=None) -> Trainer:
+    with_eval = eval_dataset is not None
+    return Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=data_collator or default_data_collator,
+        processing_class=tokenizer,
+        compute_metrics=token_metrics if with_eval else None,
+        preprocess_logits_for_metrics=logits_to_predictions if with_eval else None,
+        callbacks=callbacks,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Process setup
+
+
+def set_cpu_threads() -> int:
+    """One sensible thread count per process: cores / local processes (unless OMP_NUM_THREADS is set).
+
+    N processes x all-cores threads oversubscribe the CPU, and OpenMP collapses under it.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = max(1, (os.cpu_count() or 1) // max(local, 1))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def setup_logging(training_args) -> None:
+    import transformers
+
+    level = logging.INFO if training_args.should_log else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level, force=True)
+    logging.getLogger("zhtrain").setLevel(level)
+    # transformers' INFO dumps every config; its warnings and the Trainer's progress still show.
+    transformers.utils.logging.set_verbosity(logging.WARNING)
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.enable_propagation()
