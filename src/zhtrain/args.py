@@ -130,6 +130,8 @@ class ZhtrainTrainingArguments(TrainingArguments):
             config = dict(self.fsdp_config or {}) if not isinstance(self.fsdp_config, str) else _read_json(self.fsdp_config)
             config["transformer_layer_cls_to_wrap"] = split_names(self.fsdp_transformer_layer_cls_to_wrap)
             self.fsdp_config = config
+        if isinstance(self.deepspeed, str) and not self.deepspeed.lstrip().startswith("{"):
+            self.deepspeed = resolve_shipped_config(self.deepspeed, "--deepspeed", self.compat_notes)
         if self.save_safetensors is False:
             self.compat_notes.append("--save_safetensors False ignored: zhtrain writes safetensors only")
         import torch
@@ -141,6 +143,21 @@ class ZhtrainTrainingArguments(TrainingArguments):
                     setattr(self, flag, None if flag == "tf32" else False)
             self.use_cpu = True
         super().__post_init__()
+
+
+SHIPPED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def resolve_shipped_config(path: str, flag: str, notes: list[str]) -> str:
+    """A config path as given, or else zhtrain's shipped file of that name (run_pt.sh passes a bare name)."""
+    if Path(path).is_file():
+        return path
+    shipped = SHIPPED_CONFIGS / Path(path).name
+    if shipped.is_file():
+        notes.append(f"{flag} {path}: not in the current folder; using zhtrain's shipped {shipped}")
+        return str(shipped)
+    available = ", ".join(sorted(p.name for p in SHIPPED_CONFIGS.glob("*.json")))
+    raise ZhtrainError(f"{flag} {path}: no such file; pass a path, or one of the shipped configs: {available}")
 
 
 def _read_json(path: str) -> dict:

@@ -93,8 +93,14 @@ def choose_block_size(requested: Optional[int], config) -> int:
     return requested
 
 
-def pretrain(model_args, data_args, lora_args, training_args) -> dict:
-    """The Stage-2 recipe. Returns the final metrics."""
+@dataclass
+class RunResult:
+    metrics: dict
+    trainer: object = None  # the HF Trainer (None with --preprocess_only)
+
+
+def pretrain(model_args, data_args, lora_args, training_args) -> RunResult:
+    """The Stage-2 recipe. Returns the final metrics and the trainer (its model is the trained PeftModel)."""
     setup_logging(training_args)
     for note in training_args.compat_notes:
         logger.warning(note)
@@ -129,7 +135,7 @@ def pretrain(model_args, data_args, lora_args, training_args) -> dict:
     if data_args.preprocess_only:
         if training_args.should_log:
             print(stats.summary(), flush=True)
-        return {"preprocess_tokens": stats.tokens, "train_blocks": stats.train_blocks, "eval_blocks": stats.eval_blocks}
+        return RunResult({"preprocess_tokens": stats.tokens, "train_blocks": stats.train_blocks, "eval_blocks": stats.eval_blocks})
 
     resume_from = prepare_output_dir(training_args, run_identity(model_args, data_args, lora_args, block_size))
 
@@ -148,9 +154,11 @@ def pretrain(model_args, data_args, lora_args, training_args) -> dict:
     # 4. Train and evaluate through the HF Trainer.
     callbacks = [SaveAdapterCallback(tokenizer, sentencepiece_file(model_args.tokenizer_name_or_path), "pt_lora_model")]
     trainer = build_trainer(model, training_args, train_data if training_args.do_train else None, eval_data, tokenizer, callbacks)
-    metrics: dict = {"trainable_parameters": trainable}
+    metrics: dict = {"trainable_parameters": trainable, "resumed_from": resume_from}
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=resume_from)
+        # A misconfigured distributed run trains one copy per rank silently: say what actually ran.
+        logger.info("trained with engine %s, world size %d", type(trainer.model_wrapped).__name__, training_args.world_size)
         train_metrics = dict(result.metrics, train_samples=len(train_data))
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)
@@ -166,7 +174,7 @@ def pretrain(model_args, data_args, lora_args, training_args) -> dict:
         metrics.update(eval_metrics)
     if training_args.do_train and training_args.should_save:
         print(f"zhtrain pretrain: done; adapter in {Path(training_args.output_dir) / 'pt_lora_model'}", flush=True)
-    return metrics
+    return RunResult(metrics, trainer)
 
 
 def main(argv=None) -> None:

@@ -85,8 +85,9 @@ def find_text_files(dataset_dir: Optional[str], debug_mode: bool = False) -> lis
     return files[:1] if debug_mode else files
 
 
-def iter_line_batches(path: Path, batch_bytes: int = BATCH_BYTES) -> Iterator[list[str]]:
+def iter_line_batches(path: Path, batch_bytes: Optional[int] = None) -> Iterator[list[str]]:
     """Yield batches of non-blank lines, decoding strictly so a bad byte is reported, not garbled."""
+    batch_bytes = batch_bytes or BATCH_BYTES
     batch: list[str] = []
     size = 0
     offset = 0
