@@ -119,6 +119,9 @@ class ZhtrainTrainingArguments(TrainingArguments):
     save_safetensors: Optional[bool] = field(
         default=None, metadata={"help": "Accepted for compatibility; zhtrain always writes safetensors."}
     )
+    group_by_length: bool = field(
+        default=False, metadata={"help": "Seed spelling of --train_sampling_strategy group_by_length."}
+    )
 
     def __post_init__(self):
         self.compat_notes: list[str] = []
@@ -132,6 +135,8 @@ class ZhtrainTrainingArguments(TrainingArguments):
             self.fsdp_config = config
         if isinstance(self.deepspeed, str) and not self.deepspeed.lstrip().startswith("{"):
             self.deepspeed = resolve_shipped_config(self.deepspeed, "--deepspeed", self.compat_notes)
+        if self.group_by_length:
+            self.train_sampling_strategy = "group_by_length"
         if self.save_safetensors is False:
             self.compat_notes.append("--save_safetensors False ignored: zhtrain writes safetensors only")
         import torch
@@ -141,6 +146,12 @@ class ZhtrainTrainingArguments(TrainingArguments):
                 if getattr(self, flag):
                     self.compat_notes.append(f"--{flag} needs a CUDA GPU; none here, so this run trains in float32")
                     setattr(self, flag, None if flag == "tf32" else False)
+            if self.fsdp:
+                self.compat_notes.append(
+                    f"--fsdp {self.fsdp!r} needs CUDA GPUs (accelerate enables FSDP only there); on CPU the processes "
+                    "train with DDP over gloo instead, each holding a full copy of the model"
+                )
+                self.fsdp = None
             self.use_cpu = True
         super().__post_init__()
 
