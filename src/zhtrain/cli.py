@@ -11,6 +11,8 @@ from zhtrain.errors import run_command
 COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("zhtrain.pretrain", "continued pre-training with LoRA (+ trained embeddings): run_clm_pt_with_peft.py"),
     "run_clm_pt_with_peft": ("zhtrain.pretrain", "alias of pretrain (the seed's script name)"),
+    "sft": ("zhtrain.sft", "supervised fine-tuning, LoRA or full (FSDP): run_clm_sft_with_peft.py / FastChat train.py"),
+    "train_mem": ("zhtrain.sft", "alias of sft (FastChat's train_mem.py; attention via --attn_implementation)"),
     "demo": ("zhtrain.demo", "the main job on a real model and real Chinese text, end to end"),
 }
 

@@ -10,6 +10,7 @@ API (stable; `zhtrain sft` trains with it and `zhtrain generate` prompts with it
     stop = template.stop_token_ids(tokenizer)                # ids that end an assistant reply
     segments = template.segments(tokenizer, messages)        # training: [Segment(text|special, trained)]
     pieces = encode_segments(tokenizer, segments)            # [(token ids, trained)] in order
+    batch = encode_segments_batch(tokenizer, [segments, ...]) # the same for many samples, one tokenizer call
 
 `messages` is a list of ``{"role": "system"|"user"|"assistant", "content": str}``: an optional
 system message first, then user and assistant strictly alternating, starting with user. For
@@ -18,7 +19,10 @@ turn (a bare string means one user turn). `system=None` uses the template's defa
 
 Masks are built by construction, never by re-splitting a rendered string: every prompt part and
 every reply is its own segment, tokenized on its own (``add_special_tokens=False``), BOS/EOS are
-added by id. So the trained tokens of a sample are exactly each assistant reply plus its end
+added by id, and in the built-in templates a special-token string typed in a message (say "</s>")
+stays plain text instead of becoming an EOS in mid-reply. (With `tokenizer`, the chat_template's
+markup is text, so special-token strings are parsed in prompts, as `apply_chat_template` does;
+replies stay text.) So the trained tokens of a sample are exactly each assistant reply plus its end
 token. A generation prompt built with `encode_prompt` is token for token the prompt the model was
 trained on; `render_prompt` is the template's canonical text (FastChat's ``get_prompt()``, the
 reference Alpaca prompt, Meta's Llama-2 layout), which tokenizes the same way with LLaMA's
@@ -60,6 +64,9 @@ class Segment:
     text: str = ""
     special: Optional[str] = None
     trained: bool = False
+    # Read special-token strings in `text` as special tokens? Only for a chat_template's own markup;
+    # in built-in templates a "</s>" typed in a message stays text (BOS/EOS are added by id).
+    parse_special: bool = False
 
 
 @dataclass(frozen=True)
@@ -199,19 +206,32 @@ def get_template(name: str) -> Template:
 
 def encode_segments(tokenizer, segments: list[Segment]) -> list[tuple[list[int], bool]]:
     """Tokenize each segment on its own: [(ids, trained)]. BOS is skipped if the tokenizer has none."""
-    pieces = []
-    for segment in segments:
-        if segment.special == BOS:
-            ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        elif segment.special == EOS:
-            if tokenizer.eos_token_id is None:
-                raise ZhtrainError(f"tokenizer {tokenizer.name_or_path}: no eos_token; a reply needs an end token to learn to stop")
-            ids = [tokenizer.eos_token_id]
-        else:
-            ids = tokenizer(segment.text, add_special_tokens=False)["input_ids"] if segment.text else []
-        if ids:
-            pieces.append((list(ids), segment.trained))
-    return pieces
+    return encode_segments_batch(tokenizer, [segments])[0]
+
+
+def encode_segments_batch(tokenizer, samples: list[list[Segment]]) -> list[list[tuple[list[int], bool]]]:
+    """`encode_segments` for many samples, with one batched tokenizer call (fast tokenizers run it in parallel)."""
+    token_ids = {}
+    for parse in (False, True):
+        texts = [s.text for segments in samples for s in segments if s.special is None and s.text and s.parse_special == parse]
+        encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=not parse)["input_ids"] if texts else []
+        token_ids[parse] = iter(encoded)
+    out = []
+    for segments in samples:
+        pieces = []
+        for segment in segments:
+            if segment.special == BOS:
+                ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+            elif segment.special == EOS:
+                if tokenizer.eos_token_id is None:
+                    raise ZhtrainError(f"tokenizer {tokenizer.name_or_path}: no eos_token; a reply needs an end token to learn to stop")
+                ids = [tokenizer.eos_token_id]
+            else:
+                ids = next(token_ids[segment.parse_special]) if segment.text else []
+            if ids:
+                pieces.append((list(ids), segment.trained))
+        out.append(pieces)
+    return out
 
 
 def split_turns(messages: Messages, template: str, for_generation: bool) -> tuple[Optional[str], list[tuple[str, Optional[str]]]]:
@@ -286,7 +306,7 @@ def _chat_template_segments(tokenizer, messages: Messages, name: str, for_genera
             continue
         with_header = _extend(done, render(messages[:index], True), name)
         full = _extend(with_header, render(messages[: index + 1], False), name)
-        segments.append(Segment(with_header[len(done) :]))
+        segments.append(Segment(with_header[len(done) :], parse_special=True))
         added = full[len(with_header) :]
         reply = message["content"]
         start = added.find(reply) if reply else -1
@@ -302,10 +322,15 @@ def _chat_template_segments(tokenizer, messages: Messages, name: str, for_genera
                 f"--template {name}: the chat_template puts no end-of-turn special token after a reply, so the model "
                 f"would never learn to stop; choose a built-in template ({', '.join(t for t in TEMPLATES if t != name)})"
             )
-        segments += [Segment(added[:start]), Segment(reply + after[:end], trained=True), Segment(after[end:])]
+        segments += [
+            Segment(added[:start], parse_special=True),
+            Segment(reply, trained=True),  # the reply's own text stays text, even "<|im_end|>" typed in it
+            Segment(after[:end], trained=True, parse_special=True),
+            Segment(after[end:], parse_special=True),
+        ]
         done = full
     if for_generation:
-        segments.append(Segment(_extend(done, render(messages, True), name)[len(done) :]))
+        segments.append(Segment(_extend(done, render(messages, True), name)[len(done) :], parse_special=True))
     return [s for s in segments if s.text]
 
 
