@@ -13,6 +13,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run_clm_pt_with_peft": ("zhtrain.pretrain", "alias of pretrain (the seed's script name)"),
     "sft": ("zhtrain.sft", "supervised fine-tuning, LoRA or full (FSDP): run_clm_sft_with_peft.py / FastChat train.py"),
     "train_mem": ("zhtrain.sft", "alias of sft (FastChat's train_mem.py; attention via --attn_implementation)"),
+    "merge": ("zhtrain.merge", "fold LoRA adapters into the base, shard by shard, verified: merge_llama_with_chinese_lora.py"),
+    "export": ("zhtrain.export", "export a merged model: `zhtrain export gguf` (llama.cpp's converter)"),
+    "generate": ("zhtrain.generate", "generate from a model (+ adapters), file or interactive: inference_hf.py"),
     "demo": ("zhtrain.demo", "the main job on a real model and real Chinese text, end to end"),
 }
 

@@ -19,6 +19,13 @@ VOCAB_MODES: dict[tuple[int, int], str] = {
     (49954, 49954): "continue pre-training Chinese Alpaca / Alpaca-Plus",
 }
 SEED_VOCAB_SIZES = {size for pair in VOCAB_MODES for size in pair}
+# The seed family's tokenizers by size, so messages can say which tokenizer an adapter needs.
+TOKENIZER_NAMES = {32000: "the original LLaMA tokenizer", 49953: "the Chinese LLaMA tokenizer", 49954: "the Chinese Alpaca tokenizer"}
+
+
+def describe_tokenizer(size: int) -> str:
+    name = TOKENIZER_NAMES.get(size)
+    return f"a {size}-token tokenizer" + (f" ({name})" if name else "")
 
 
 def modes_table() -> str:

@@ -1,0 +1,235 @@
+"""`zhtrain generate`: the seed's `inference_hf.py` — generate from a base model, with or without LoRA
+adapters, on a file of instructions or interactively; runs on a CPU.
+
+    zhtrain generate --base_model merged_model --with_prompt --interactive
+    zhtrain generate --base_model llama --lora_model pt_lora_model --data_file questions.txt \\
+        --predictions_file out/predictions.json
+
+The recipe: choose the device -> load the tokenizer (adapter's, else the base's) -> load the model
+(adapters applied through PEFT, embeddings grown to the tokenizer) -> for each instruction: build
+the prompt (the template's, with --with_prompt) -> sample with the seed's settings -> print, and
+write the predictions file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+from zhtrain.errors import ZhtrainError, run_command
+
+# The seed's inference_hf.py defaults (its generation_config dict).
+SAMPLING_DEFAULTS = dict(temperature=0.2, top_k=40, top_p=0.9, do_sample=True, num_beams=1, repetition_penalty=1.1, max_new_tokens=400)
+SAMPLE_DATA = ["为什么要减少污染，保护环境？"]  # the seed's sample instruction when no --data_file is given
+DEFAULT_TEMPLATE = "alpaca"  # the seed's prompt (Chinese-Alpaca)
+
+
+@dataclass
+class GenerateOptions:
+    base_model: str
+    lora_model: list[str] = field(default_factory=list)
+    tokenizer_path: Optional[str] = None
+    data_file: Optional[str] = None
+    with_prompt: bool = False
+    template: Optional[str] = None
+    system_prompt: Optional[str] = None
+    interactive: bool = False
+    predictions_file: str = "./predictions.json"
+    gpus: str = "0"
+    only_cpu: bool = False
+    seed: Optional[int] = None
+    sampling: dict = field(default_factory=lambda: dict(SAMPLING_DEFAULTS))
+
+
+def parse_generate_args(argv: Optional[list[str]] = None) -> GenerateOptions:
+    p = argparse.ArgumentParser(prog="zhtrain generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--base_model", required=True, help="Model folder in Hugging Face format (e.g. a merged model).")
+    p.add_argument("--lora_model", default=None, help="Adapter folder(s), comma-separated, applied in order; none = the base alone.")
+    p.add_argument("--tokenizer_path", default=None, help="Tokenizer folder (default: the last adapter's, else the base's).")
+    p.add_argument("--data_file", default=None, help="A file with one instruction per line.")
+    p.add_argument("--with_prompt", action="store_true", help="Wrap each input in the prompt template.")
+    p.add_argument("--template", default=None, help="Template for --with_prompt (default: the one saved with the model, else alpaca).")
+    p.add_argument("--system_prompt", default=None, help="System prompt for --with_prompt (default: the template's).")
+    p.add_argument("--interactive", action="store_true", help="Read instructions from the terminal (an empty line ends).")
+    p.add_argument("--predictions_file", default="./predictions.json", help="Where the outputs of --data_file go (default: %(default)s).")
+    p.add_argument("--gpus", default="0", help="CUDA_VISIBLE_DEVICES for the run (default: %(default)s).")
+    p.add_argument("--only_cpu", action="store_true", help="Run on the CPU even if a GPU is there.")
+    p.add_argument("--seed", type=int, default=None, help="Random seed for sampling (default: not fixed).")
+    for name, value in SAMPLING_DEFAULTS.items():
+        if isinstance(value, bool):
+            p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=value, help=f"Default: {value}.")
+        else:
+            p.add_argument(f"--{name}", type=type(value), default=value, help=f"Default: {value}.")
+    ns = p.parse_args(argv)
+    sampling = {name: getattr(ns, name) for name in SAMPLING_DEFAULTS}
+    if sampling["max_new_tokens"] < 1:
+        raise ZhtrainError(f"--max_new_tokens {sampling['max_new_tokens']}: must be at least 1")
+    adapters = [part.strip() for part in (ns.lora_model or "").split(",") if part.strip()]
+    return GenerateOptions(ns.base_model, adapters, ns.tokenizer_path, ns.data_file, ns.with_prompt, ns.template, ns.system_prompt,
+                           ns.interactive, ns.predictions_file, ns.gpus, ns.only_cpu, ns.seed, sampling)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    generate(parse_generate_args(argv))
+
+
+def generate(opts: GenerateOptions, read_line=input) -> list[dict]:
+    """The recipe. Returns [{"Input", "Output"}] (also written to --predictions_file unless interactive)."""
+    instructions = None if opts.interactive else read_instructions(opts.data_file)
+    device = choose_device(opts)
+    tokenizer = load_generation_tokenizer(opts)
+    template, system = choose_template(opts)
+    model = load_model(opts, len(tokenizer), device)
+    generator = Generator(model, tokenizer, template, system, opts.sampling, device, opts.seed)
+    if opts.interactive:
+        return run_interactive(generator, read_line)
+    results = []
+    for index, instruction in enumerate(instructions):
+        prompt, response = generator(instruction)
+        print(f"======={index}=======\nInput: {instruction}\n\nOutput: {response}\n", flush=True)
+        results.append({"Input": prompt, "Output": response})
+    write_predictions(Path(opts.predictions_file), results, opts.sampling)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+
+
+def read_instructions(data_file: Optional[str]) -> list[str]:
+    if data_file is None:
+        return list(SAMPLE_DATA)
+    path = Path(data_file)
+    if not path.is_file():
+        raise ZhtrainError(f"--data_file {data_file}: no such file; pass a text file with one instruction per line")
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as err:
+        raise ZhtrainError(f"--data_file {data_file}: not UTF-8 text (byte {err.start}); save it as UTF-8") from err
+    lines = [line for line in lines if line]
+    if not lines:
+        raise ZhtrainError(f"--data_file {data_file}: no instructions in it (one per line)")
+    return lines
+
+
+def choose_device(opts: GenerateOptions) -> str:
+    if opts.only_cpu:
+        return "cpu"
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", opts.gpus)  # before the first CUDA call, as the seed does
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_generation_tokenizer(opts: GenerateOptions):
+    from zhtrain.model import load_tokenizer
+
+    path = opts.tokenizer_path or next((a for a in reversed(opts.lora_model) if _has_tokenizer(a)), opts.base_model)
+    return load_tokenizer(path)
+
+
+def _has_tokenizer(folder: str) -> bool:
+    return any((Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+
+
+def choose_template(opts: GenerateOptions):
+    """--template, else the one saved with the adapter/model by `zhtrain sft`, else the seed's alpaca."""
+    if not opts.with_prompt:
+        return None, None
+    from zhtrain.data.templates import get_template, load_saved_template
+
+    if opts.template:
+        return get_template(opts.template), opts.system_prompt
+    for folder in [*reversed(opts.lora_model), opts.base_model]:
+        saved = load_saved_template(folder)
+        if saved is not None:
+            return saved[0], opts.system_prompt or saved[1]
+    return get_template(DEFAULT_TEMPLATE), opts.system_prompt
+
+
+def load_model(opts: GenerateOptions, tokenizer_len: int, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from zhtrain.verify import model_with_adapters
+    from zhtrain.vocab import resize_embeddings
+    from zhtrain.weights import open_checkpoint
+
+    open_checkpoint(opts.base_model)  # a clear error for a wrong folder before transformers' own
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    if opts.lora_model:
+        model = model_with_adapters(opts.base_model, opts.lora_model, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(opts.base_model, dtype=dtype)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if tokenizer_len > rows:  # as the seed: a larger tokenizer grows the model (new rows untrained)
+        resize_embeddings(model, tokenizer_len, init="mean")
+    return model.to(device).eval()
+
+
+class Generator:
+    """One instruction -> (prompt text, response), with the sampling settings."""
+
+    def __init__(self, model, tokenizer, template, system, sampling: dict, device: str, seed: Optional[int]):
+        self.model, self.tokenizer, self.template, self.system = model, tokenizer, template, system
+        self.sampling, self.device, self.seed = dict(sampling), device, seed
+        stops = template.stop_token_ids(tokenizer) if template is not None else []
+        self.eos = stops or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos[0] if self.eos else 0)
+
+    def prompt_ids(self, instruction: str) -> list[int]:
+        if self.template is None:
+            return self.tokenizer(instruction).input_ids
+        return self.template.encode_prompt(self.tokenizer, instruction, system=self.system)
+
+    def __call__(self, instruction: str) -> tuple[str, str]:
+        import torch
+
+        ids = self.prompt_ids(instruction)
+        if self.seed is not None:
+            torch.manual_seed(self.seed)
+        input_ids = torch.tensor([ids], device=self.device)
+        settings = dict(self.sampling)
+        if not settings["do_sample"]:
+            for name in ("temperature", "top_k", "top_p"):
+                settings.pop(name)  # ignored without sampling; transformers warns about them
+        with torch.no_grad():
+            output = self.model.generate(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), eos_token_id=self.eos, pad_token_id=self.pad, **settings
+            )
+        response = self.tokenizer.decode(output[0, len(ids):], skip_special_tokens=True).strip()
+        return self.tokenizer.decode(ids, skip_special_tokens=False), response
+
+
+def run_interactive(generator: Generator, read_line) -> list[dict]:
+    results = []
+    while True:
+        try:
+            text = read_line("Input:")
+        except EOFError:
+            break
+        if not text.strip():
+            break
+        prompt, response = generator(text.strip())
+        print(f"Response:  {response}\n", flush=True)
+        results.append({"Input": prompt, "Output": response})
+    return results
+
+
+def write_predictions(path: Path, results: Iterable[dict], sampling: dict) -> None:
+    """The seed's predictions JSON; the sampling settings beside it (not over a model's generation_config.json)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for target, data in ((path, list(results)), (path.with_name(f"{path.stem}.generation_config.json"), sampling)):
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, target)
+    print(f"zhtrain generate: predictions written to {path}", flush=True)
+
+
+if __name__ == "__main__":
+    run_command(main, sys.argv[1:])

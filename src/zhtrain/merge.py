@@ -1,0 +1,407 @@
+"""`zhtrain merge`: fold one or more LoRA adapters into a base model, shard by shard, and verify it.
+
+The seed's `merge_llama_with_chinese_lora(_low_mem).py` job, with its flags:
+
+    zhtrain merge --base_model path/to/llama --lora_model llama_plus_lora,alpaca_plus_lora \\
+        --output_type huggingface --output_dir merged
+
+The recipe, in the order things happen:
+    read every adapter (config, weights, tokenizer) and the base's shard layout (headers only) ->
+    plan: the vocabulary after each adapter and every shape checked, before anything is written ->
+    stream the base shard by shard: grow the embeddings to the adapter's tokenizer, replace
+    modules_to_save weights, add B@A*scaling in float32, adapter after adapter ->
+    write HF shards + index + config (or Meta's consolidated.NN.pth) into a temporary folder ->
+    verify: logits vs base + adapters through PEFT -> rename the folder into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from zhtrain import meta_format
+from zhtrain.adapters import Adapter, load_adapter, tokenizer_files, touches_embeddings, wanted_vocab
+from zhtrain.errors import ZhtrainError, run_command
+from zhtrain.train import replace_dir
+from zhtrain.vocab import describe_tokenizer
+from zhtrain.weights import Checkpoint, iter_shard, open_checkpoint, save_shard, shard_names, write_index, write_json
+
+logger = logging.getLogger("zhtrain.merge")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+@dataclass
+class MergeOptions:
+    base_model: Path
+    lora_model: list[Path]
+    output_dir: Path
+    output_type: str = "huggingface"
+    dtype: str = "auto"
+    verify: Optional[bool] = None  # None: verify when the model fits in memory
+    overwrite: bool = False
+    num_shards: Optional[int] = None
+
+
+def parse_merge_args(argv: Optional[list[str]] = None) -> MergeOptions:
+    parser = argparse.ArgumentParser(prog="zhtrain merge", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base_model", required=True, help="Base model folder in Hugging Face format.")
+    parser.add_argument("--lora_model", required=True, help="Adapter folders, comma-separated, applied in this order.")
+    parser.add_argument("--output_type", choices=["huggingface", "pth"], default="huggingface",
+                        help="huggingface (safetensors shards) or pth (Meta's consolidated.NN.pth). Default: %(default)s.")
+    parser.add_argument("--output_dir", required=True, help="Where the merged model goes (must not exist, unless --overwrite).")
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="Output dtype; auto keeps the base's. Default: %(default)s.")
+    parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                        help="Compare logits with base + adapters through PEFT (default: on when the model fits in memory).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output_dir (only once the new one is complete).")
+    parser.add_argument("--num_shards", type=int, default=None, help="pth only: model-parallel shards (default by size: 7B 1, 13B 2, 33B 4, 65B 8).")
+    parser.add_argument("--offload_dir", default=None, help="Accepted for the seed's command lines; unused (the merge streams shards).")
+    ns = parser.parse_args(argv)
+    adapters = [Path(part.strip()) for part in ns.lora_model.split(",") if part.strip()]
+    if not adapters:
+        raise ZhtrainError("--lora_model is empty; pass one or more adapter folders, comma-separated")
+    if ns.num_shards is not None and (ns.num_shards < 1 or ns.output_type != "pth"):
+        raise ZhtrainError(f"--num_shards {ns.num_shards}: only for --output_type pth, and at least 1")
+    return MergeOptions(Path(ns.base_model), adapters, Path(ns.output_dir), ns.output_type, ns.dtype, ns.verify, ns.overwrite, ns.num_shards)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    merge(parse_merge_args(argv))
+
+
+def merge(opts: MergeOptions) -> dict:
+    """The recipe. Returns a summary (also written to <output_dir>/zhtrain_merge.json)."""
+    start = time.perf_counter()
+    check_output_dir(opts)
+    checkpoint = open_checkpoint(opts.base_model)
+    adapters = [load_adapter(folder) for folder in opts.lora_model]
+    plan = make_plan(checkpoint, adapters)
+    config = merged_config(plan, opts.dtype)
+    if opts.output_type == "pth":
+        meta_format.check_names(checkpoint.shapes)
+    check_disk_space(plan, opts)
+
+    tmp = opts.output_dir.with_name(f".{opts.output_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if opts.output_type == "huggingface":
+            write_huggingface(plan, tmp, opts.dtype, config)
+        else:
+            write_pth(plan, tmp, opts.dtype, config, opts.num_shards or meta_format.default_num_shards(config["hidden_size"]))
+        copy_tokenizer(plan, tmp)
+        summary = {"base_model": str(opts.base_model), "lora_model": [str(a.path) for a in adapters],
+                   "output_type": opts.output_type, "vocab_size": plan.final_vocab, "tie_word_embeddings": plan.tied_output,
+                   "merge_seconds": round(time.perf_counter() - start, 2)}
+        summary["verification"] = maybe_verify(plan, opts, tmp, config)
+        write_json(tmp / "zhtrain_merge.json", summary)
+        replace_dir(tmp, opts.output_dir)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno == errno.ENOSPC:
+            raise ZhtrainError(f"--output_dir {opts.output_dir}: the disk filled up while writing; free space and run again (nothing was left behind)") from err
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written model must never look complete
+        raise
+    print(f"zhtrain merge: {len(adapters)} adapter(s) merged into {opts.output_dir} ({opts.output_type}, vocab {plan.final_vocab}) "
+          f"in {time.perf_counter() - start:.1f}s", flush=True)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan: every check before anything is written
+
+
+@dataclass
+class MergePlan:
+    checkpoint: Checkpoint
+    adapters: list[Adapter]
+    vocab_after: list[int]  # vocabulary once each adapter is applied
+    tied_base: bool  # lm_head shares embed_tokens' weights (no lm_head in the files)
+    untie: bool  # an adapter trains embed_tokens or lm_head of a tied base
+
+    @property
+    def final_vocab(self) -> int:
+        return self.vocab_after[-1]
+
+    @property
+    def tied_output(self) -> bool:
+        return self.tied_base and not self.untie
+
+
+def make_plan(checkpoint: Checkpoint, adapters: list[Adapter]) -> MergePlan:
+    if EMBED not in checkpoint.shapes:
+        raise ZhtrainError(f"--base_model {checkpoint.folder}: no {EMBED}; zhtrain merge handles LLaMA-family causal LMs")
+    tied_base = LM_HEAD not in checkpoint.shapes
+    running = checkpoint.shapes[EMBED][0]
+    vocab_after = []
+    for position, adapter in enumerate(adapters):
+        wanted = wanted_vocab(adapter, running)
+        if wanted < running:
+            raise shrink_error(adapters, position, wanted, running, checkpoint)
+        if wanted > running and not touches_embeddings(adapter):
+            logger.warning("%s grows the vocabulary %d -> %d but carries no embed_tokens/lm_head rows: the new rows "
+                           "start at the mean of the existing rows (untrained)", adapter.name, running, wanted)
+        running = wanted
+        for key, edit in adapter.edits.items():
+            check_edit(checkpoint, adapter, key, edit, running, tied_base)
+        vocab_after.append(running)
+    untie = tied_base and any(touches_embeddings(a) for a in adapters)
+    return MergePlan(checkpoint, adapters, vocab_after, tied_base, untie)
+
+
+def shrink_error(adapters: list[Adapter], position: int, wanted: int, running: int, checkpoint: Checkpoint) -> ZhtrainError:
+    adapter = adapters[position]
+    if position == 0:
+        trained_for = adapter.config.get("base_model_name_or_path") or "another base"
+        return ZhtrainError(
+            f"adapter {adapter.name} needs {describe_tokenizer(wanted)} but base {checkpoint.folder} already has {running} "
+            f"embedding rows; zhtrain never shrinks a vocabulary: the adapter was trained for another base ({trained_for})"
+        )
+    previous = adapters[position - 1]
+    order = ",".join(str(a.path) for a in [adapter, previous])
+    return ZhtrainError(
+        f"adapters in this order would shrink the vocabulary: {previous.name} grows it to {running} tokens, then "
+        f"{adapter.name} needs {describe_tokenizer(wanted)}; give them in training order, e.g. --lora_model {order}"
+    )
+
+
+def expected_shape(checkpoint: Checkpoint, key: str, vocab: int, tied_base: bool) -> Optional[tuple[int, ...]]:
+    shape = checkpoint.shapes.get(key)
+    if shape is None and key == LM_HEAD and tied_base:
+        shape = checkpoint.shapes[EMBED]
+    if shape is not None and key in (EMBED, LM_HEAD):
+        shape = (vocab, *shape[1:])
+    return shape
+
+
+def check_edit(checkpoint: Checkpoint, adapter: Adapter, key: str, edit, vocab: int, tied_base: bool) -> None:
+    expected = expected_shape(checkpoint, key, vocab, tied_base)
+    trained_for = adapter.config.get("base_model_name_or_path") or "another base"
+    if expected is None:
+        raise ZhtrainError(
+            f"adapter {adapter.name} changes {key}, which base {checkpoint.folder} does not have: it was trained for "
+            f"another base model ({trained_for}); merge it into that one"
+        )
+    got = [("weights", tuple(edit.replace.shape))] if edit.replace is not None else []
+    got += [("LoRA update", tuple(edit.low_rank.shape))] if edit.low_rank is not None else []
+    got += [("LoRA bias", tuple(edit.bias_update.shape))] if edit.bias_update is not None else []
+    for what, shape in got:
+        if shape == tuple(expected):
+            continue
+        if key in (EMBED, LM_HEAD) and shape[1:] == tuple(expected[1:]):
+            has = f"its folder's tokenizer has {adapter.tokenizer_len} tokens" if adapter.has_tokenizer else f"the model has {expected[0]} rows here"
+            raise ZhtrainError(
+                f"adapter {adapter.name}: {key} {what} are {list(shape)} but {has} ({list(expected)}); the adapter needs "
+                f"{describe_tokenizer(shape[0])}, the one it was trained with: put that tokenizer's files into {adapter.name}"
+            )
+        raise ZhtrainError(
+            f"adapter {adapter.name}: {key} {what} are {list(shape)} but base {checkpoint.folder} has {list(expected)}: "
+            f"the adapter was trained for another base model ({trained_for}); merge it into that one"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The merge of one tensor
+
+
+def merged_tensor(plan: MergePlan, key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The base tensor after every adapter, in float32 (lm_head of a tied base starts from embed_tokens)."""
+    weight = tensor.float()
+    for adapter, vocab in zip(plan.adapters, plan.vocab_after):
+        if key in (EMBED, LM_HEAD):
+            weight = grow_rows(weight, vocab)
+        edit = adapter.edits.get(key)
+        if edit is None:
+            continue
+        if edit.replace is not None:
+            weight = edit.replace.float()
+        if edit.low_rank is not None:
+            weight = weight + edit.low_rank.delta()
+        if edit.bias_update is not None:
+            weight = weight + edit.bias_update
+    return weight
+
+
+def grow_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """New rows = the mean of the existing rows, exactly as zhtrain.vocab.resize_embeddings does."""
+    if rows <= weight.shape[0]:
+        return weight
+    mean = weight.float().mean(dim=0, keepdim=True)
+    return torch.cat([weight, mean.expand(rows - weight.shape[0], -1)])
+
+
+def output_dtype(choice: str, stored: torch.dtype) -> torch.dtype:
+    if not stored.is_floating_point or choice == "auto":
+        return stored
+    return DTYPES[choice]
+
+
+def merged_shard(plan: MergePlan, shard: Path, dtype_choice: str, with_lm_head: bool):
+    """(name, merged tensor in the output dtype) for one base shard; lm_head follows embed_tokens when derived."""
+    for key, tensor in iter_shard(shard):
+        yield key, merged_tensor(plan, key, tensor).to(output_dtype(dtype_choice, tensor.dtype))
+        if key == EMBED and with_lm_head:
+            yield LM_HEAD, merged_tensor(plan, LM_HEAD, tensor).to(output_dtype(dtype_choice, tensor.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Writers
+
+
+def write_huggingface(plan: MergePlan, out: Path, dtype_choice: str, config: dict) -> None:
+    shards = plan.checkpoint.shards
+    names = shard_names(len(shards))
+    weight_map: dict[str, str] = {}
+    total = 0
+    for number, (shard, name) in enumerate(zip(shards, names), start=1):
+        tensors = dict(merged_shard(plan, shard, dtype_choice, with_lm_head=plan.tied_base and plan.untie))
+        total += save_shard(tensors, out / name)
+        weight_map.update(dict.fromkeys(tensors, name))
+        del tensors
+        logger.info("shard %d/%d written (%s)", number, len(shards), name)
+    if len(names) > 1:
+        write_index(out, weight_map, total)
+    write_json(out / "config.json", config)
+    write_json(out / "generation_config.json", generation_config(plan, config))
+
+
+def write_pth(plan: MergePlan, out: Path, dtype_choice: str, config: dict, parts: int) -> None:
+    """Meta's layout: per base shard, a slice file per model-parallel part; then one file per part."""
+    shards = plan.checkpoint.shards
+    for number, shard in enumerate(shards):
+        slices: list[dict] = [{} for _ in range(parts)]
+        for key, tensor in merged_shard(plan, shard, dtype_choice, with_lm_head=plan.tied_base):
+            for part, (name, piece) in enumerate(meta_format.to_meta_parts(key, tensor, config, parts)):
+                slices[part][name] = piece
+        for part, state in enumerate(slices):
+            torch.save(state, out / f".slice-{number:05d}-{part:02d}.pth")
+        del slices
+        logger.info("shard %d/%d converted to Meta's layout", number + 1, len(shards))
+    for part in range(parts):
+        files = [out / f".slice-{number:05d}-{part:02d}.pth" for number in range(len(shards))]
+        state: dict = {}
+        for path in files:
+            state.update(torch.load(str(path), map_location="cpu", weights_only=True, mmap=True))
+        torch.save(state, out / meta_format.shard_file(part))
+        del state
+        for path in files:
+            path.unlink()
+    meta_format.write_params(out, config)
+
+
+def merged_config(plan: MergePlan, dtype_choice: str) -> dict:
+    config = dict(plan.checkpoint.config)
+    config["vocab_size"] = plan.final_vocab
+    if plan.untie:
+        config["tie_word_embeddings"] = False  # lm_head was trained on its own: it is a separate matrix now
+    if dtype_choice != "auto":
+        for key in ("dtype", "torch_dtype"):
+            if key in config:
+                config[key] = dtype_choice
+        config.setdefault("dtype", dtype_choice)
+    return config
+
+
+def generation_config(plan: MergePlan, config: dict) -> dict:
+    import json
+
+    path = plan.checkpoint.folder / "generation_config.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    return {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(key) is not None}
+
+
+def copy_tokenizer(plan: MergePlan, out: Path) -> None:
+    """The last adapter's tokenizer (and saved chat template), as the seed's merge does; else the base's."""
+    from zhtrain.data.templates import TEMPLATE_FILE
+
+    source = next((a.path for a in reversed(plan.adapters) if a.has_tokenizer), plan.checkpoint.folder)
+    for path in tokenizer_files(source):
+        shutil.copyfile(path, out / path.name)
+    template = next((a.path / TEMPLATE_FILE for a in reversed(plan.adapters) if (a.path / TEMPLATE_FILE).is_file()), None)
+    if template is not None:
+        shutil.copyfile(template, out / TEMPLATE_FILE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output folder, disk, verification
+
+
+def check_output_dir(opts: MergeOptions) -> None:
+    out = opts.output_dir.resolve()
+    for source in [opts.base_model, *opts.lora_model]:
+        if Path(source).resolve() == out:
+            raise ZhtrainError(f"--output_dir {opts.output_dir} is one of the inputs; choose a new folder")
+    if out.exists() and not opts.overwrite:
+        raise ZhtrainError(
+            f"--output_dir {opts.output_dir} exists; pass --overwrite to replace it (the old folder stays until the new one "
+            "is complete) or choose another folder"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def check_disk_space(plan: MergePlan, opts: MergeOptions) -> None:
+    dtype = DTYPES.get(opts.dtype)
+    need = plan.checkpoint.nbytes(dtype)
+    free = shutil.disk_usage(opts.output_dir.resolve().parent).free
+    if need > free:
+        raise ZhtrainError(
+            f"--output_dir {opts.output_dir}: the merged model needs ~{need / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB "
+            "are free there; free space or choose another disk"
+        )
+
+
+def maybe_verify(plan: MergePlan, opts: MergeOptions, out: Path, config: dict) -> dict:
+    from zhtrain import verify
+
+    fits, why = verify.fits_in_memory(plan.checkpoint.nbytes(torch.float32))
+    if opts.verify is False or (opts.verify is None and not fits):
+        reason = "--no-verify" if opts.verify is False else f"the model is too large to verify in memory ({why}); pass --verify to force"
+        print(f"zhtrain merge: verification skipped: {reason}", flush=True)
+        return {"skipped": reason}
+    reference = verify.model_with_adapters(plan.checkpoint.folder, [a.path for a in plan.adapters])
+    merged = load_merged(out, opts.output_type, config)
+    inputs = verify.verification_inputs(out if any(out.glob("tokenizer*")) else None, plan.final_vocab)
+    diff, scale = verify.max_logit_difference(merged, reference, inputs)
+    dtype = DTYPES.get(opts.dtype) or plan.checkpoint.dtypes[EMBED]
+    tolerance = verify.tolerance_for(dtype, scale)
+    print(f"zhtrain merge: verified against base + adapters through PEFT on {len(inputs)} inputs: max |logit difference| "
+          f"{diff:.3g} (tolerance {tolerance:.3g})", flush=True)
+    if not diff <= tolerance:
+        raise ZhtrainError(
+            f"verification failed: max |logit difference| {diff:.3g} exceeds {tolerance:.3g} between the merged model and "
+            f"base + adapters through PEFT; nothing was written to {opts.output_dir} (report this with the adapters' configs)"
+        )
+    return {"max_abs_logit_diff": diff, "tolerance": tolerance, "inputs": len(inputs)}
+
+
+def load_merged(out: Path, output_type: str, config: dict):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if output_type == "huggingface":
+        model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    else:
+        fields = {k: v for k, v in config.items() if k not in ("model_type", "dtype", "torch_dtype")}
+        hf_config = AutoConfig.for_model(config["model_type"], **fields)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+        state = meta_format.read_meta(out, config)
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return model.eval()
+
+
+if __name__ == "__main__":
+    run_command(main, sys.argv[1:])
