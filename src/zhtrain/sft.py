@@ -122,6 +122,8 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
     tokenizer = load_tokenizer(model_args.tokenizer_name_or_path, model_args.use_fast_tokenizer, model_args.trust_remote_code)
     logger.info(choose_pad_token(tokenizer))
     train_files, eval_files = data_files(data_args)
+    if training_args.do_eval and not eval_files and not data_args.preprocess_only:
+        raise ZhtrainError("--do_eval needs evaluation data: pass --validation_file or --eval_data_path")
     train_convs = load_conversations(train_files, data_args.data_format)[: data_args.max_train_samples]
     eval_convs = load_conversations(eval_files, data_args.data_format)[: data_args.max_eval_samples] if eval_files else None
 
@@ -134,6 +136,7 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
         if training_args.train_sampling_strategy == "group_by_length":
             logger.warning("--group_by_length needs every sample's length: with --lazy_preprocess each sample is tokenized once more up front for it")
         summaries = {}
+        logger.info("data: %d conversations, encoded lazily when the trainer asks (truncated or dropped samples are reported then)", len(train_convs))
     else:
         train_samples = encode_conversations(train_convs, tokenizer, template, max_length, data_args.system_prompt)
         eval_samples = encode_conversations(eval_convs, tokenizer, template, max_length, data_args.system_prompt) if eval_convs else []
@@ -180,10 +183,12 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
     if lora_args.use_lora:
         callbacks.insert(0, SaveAdapterCallback(tokenizer, sp_model, "sft_lora_model"))
     collator = PadToLongest(tokenizer.pad_token_id)
-    trainer = build_trainer(model, training_args, train_data if training_args.do_train else None, eval_data, tokenizer, callbacks, collator)
+    # FastChat's train.py always trains and passes no --do_train: train unless only --do_eval was asked.
+    do_train = training_args.do_train or not training_args.do_eval
+    trainer = build_trainer(model, training_args, train_data if do_train else None, eval_data, tokenizer, callbacks, collator)
     metrics: dict = {"trainable_parameters": trainable, "resumed_from": resume_from, "template": template.name}
     metrics.update({f"{name}_{key}": value for name, s in summaries.items() for key, value in vars(s).items() if key != "reasons"})
-    if training_args.do_train:
+    if do_train:
         result = trainer.train(resume_from_checkpoint=resume_from)
         logger.info("trained with engine %s, world size %d", type(trainer.model_wrapped).__name__, training_args.world_size)
         train_metrics = dict(result.metrics, train_samples=len(train_data))
@@ -197,14 +202,12 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
             if training_args.should_save:
                 save_template(training_args.output_dir, template.name, data_args.system_prompt)
     if training_args.do_eval:
-        if eval_data is None:
-            raise ZhtrainError("--do_eval needs evaluation data: pass --validation_file or --eval_data_path")
         eval_metrics = trainer.evaluate()
         eval_metrics["eval_samples"] = len(eval_data)
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
-    if training_args.do_train and training_args.should_save:
+    if do_train and training_args.should_save:
         where = Path(training_args.output_dir) / ("sft_lora_model" if lora_args.use_lora else "")
         print(f"zhtrain sft: done; {'adapter' if lora_args.use_lora else 'model'} in {where} (template {template.name})", flush=True)
     return RunResult(metrics, trainer)

@@ -176,6 +176,7 @@ class LazySupervisedDataset(Dataset):
         self.conversations = conversations
         self.tokenizer, self.template, self.max_length, self.system = tokenizer, template, max_length, system
         self.dropped: set[int] = set()
+        self.truncated: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.conversations)
@@ -187,8 +188,9 @@ class LazySupervisedDataset(Dataset):
         for step in range(len(self.conversations)):
             current = (index + step) % len(self.conversations)
             sample = self.encode(current)
-            if sample.truncated and not sample.dropped:
-                logger.debug("sample %s truncated: %d tokens cut", sample.id, sample.truncated)
+            if sample.truncated and not sample.dropped and current not in self.truncated:
+                self.truncated.add(current)
+                logger.warning("sample %s truncated: %d tokens cut to fit %d", sample.id, sample.truncated, self.max_length)
             if not sample.dropped:
                 return {"input_ids": sample.input_ids, "labels": sample.labels}
             if current not in self.dropped:
