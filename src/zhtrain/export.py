@@ -180,7 +180,8 @@ def warn_about_normalizer(model_dir: Path) -> None:
 
 
 def check_tokenization(opts: GgufOptions) -> Optional[dict]:
-    """Load the GGUF in llama.cpp (xllamacpp) and compare its tokens with the HF tokenizer's on sample lines."""
+    """Load the GGUF in llama.cpp (xllamacpp) and compare its tokens on sample lines with the tokenizer it was
+    built from (tokenizer.model when there is one, else tokenizer.json); say so when the HF tokenizer differs."""
     if opts.check is False:
         return None
     try:
@@ -193,17 +194,34 @@ def check_tokenization(opts: GgufOptions) -> Optional[dict]:
     from zhtrain.model import load_tokenizer
 
     tokenizer = load_tokenizer(str(opts.model_dir))
-    ours = {line: tokenizer(line, add_special_tokens=False).input_ids for line in CHECK_LINES}
-    theirs = gguf_tokenize(opts.outfile, CHECK_LINES)
-    differing = [line for line in CHECK_LINES if ours[line] != theirs[line]]
+    hf = {line: tokenizer(line, add_special_tokens=False).input_ids for line in CHECK_LINES}
+    sp = sentencepiece_ids(opts.model_dir / "tokenizer.model", CHECK_LINES)
+    gguf = gguf_tokenize(opts.outfile, CHECK_LINES)
+    source, expected = ("tokenizer.model (SentencePiece)", sp) if sp is not None else ("tokenizer.json", hf)
+    for line in CHECK_LINES:
+        if gguf[line] != expected[line]:
+            raise ZhtrainError(
+                f"{opts.outfile}: llama.cpp tokenizes {line!r} as {gguf[line]} but {source} as {expected[line]}; "
+                "the GGUF's tokenizer differs from the model's (see the normaliser warning above, if any)"
+            )
+    differing = [line for line in CHECK_LINES if hf[line] != gguf[line]]
     if differing:
         line = differing[0]
-        raise ZhtrainError(
-            f"{opts.outfile}: llama.cpp tokenizes {line!r} as {theirs[line]} but the Hugging Face tokenizer as {ours[line]}; "
-            "the GGUF's tokenizer differs (see the normaliser warning above, if any)"
-        )
-    print(f"zhtrain export: llama.cpp loads {opts.outfile.name} and tokenizes {len(CHECK_LINES)} sample lines exactly as the HF tokenizer", flush=True)
-    return {line: theirs[line] for line in CHECK_LINES}
+        print(f"zhtrain export: warning: the Hugging Face tokenizer (tokenizer.json, which zhtrain trains with) tokenizes "
+              f"{len(differing)} of {len(CHECK_LINES)} sample lines differently from tokenizer.model, which llama.cpp follows: "
+              f"{line!r} -> {hf[line]} vs {gguf[line]}. transformers' conversion of appended SentencePiece pieces does not "
+              "reproduce SentencePiece's choices; the GGUF will see other tokens than training did", file=sys.stderr, flush=True)
+    print(f"zhtrain export: llama.cpp loads {opts.outfile.name} and tokenizes {len(CHECK_LINES)} sample lines exactly as {source}", flush=True)
+    return {"gguf": gguf, "hf_differs": differing}
+
+
+def sentencepiece_ids(model_file: Path, lines) -> Optional[dict[str, list[int]]]:
+    if not model_file.is_file():
+        return None
+    import sentencepiece as spm
+
+    processor = spm.SentencePieceProcessor(model_file=str(model_file))
+    return {line: processor.encode(line) for line in lines}
 
 
 def gguf_tokenize(gguf: Path, lines, add_special: bool = False) -> dict[str, list[int]]:

@@ -8,9 +8,10 @@ The seed's `merge_llama_with_chinese_lora(_low_mem).py` job, with its flags:
 The recipe, in the order things happen:
     read every adapter (config, weights, tokenizer) and the base's shard layout (headers only) ->
     plan: the vocabulary after each adapter and every shape checked, before anything is written ->
-    stream the base shard by shard: grow the embeddings to the adapter's tokenizer, replace
-    modules_to_save weights, add B@A*scaling in float32, adapter after adapter ->
-    write HF shards + index + config (or Meta's consolidated.NN.pth) into a temporary folder ->
+    stream the base one tensor at a time (never a whole shard): grow the embeddings to the adapter's
+    tokenizer, replace modules_to_save weights, add B@A*scaling in float32, adapter after adapter ->
+    write HF shards of --max_shard_size + index + config (or Meta's consolidated.NN.pth) into a
+    temporary folder ->
     verify: logits vs base + adapters through PEFT -> rename the folder into place.
 """
 
@@ -34,7 +35,7 @@ from zhtrain.adapters import Adapter, load_adapter, tokenizer_files, touches_emb
 from zhtrain.errors import ZhtrainError, run_command
 from zhtrain.train import replace_dir
 from zhtrain.vocab import describe_tokenizer
-from zhtrain.weights import Checkpoint, iter_shard, open_checkpoint, save_shard, shard_names, write_index, write_json
+from zhtrain.weights import Checkpoint, ShardWriter, iter_shard, open_checkpoint, write_json
 
 logger = logging.getLogger("zhtrain.merge")
 
@@ -52,6 +53,7 @@ class MergeOptions:
     verify: Optional[bool] = None  # None: verify when the model fits in memory
     overwrite: bool = False
     num_shards: Optional[int] = None
+    max_shard_size: str = "2GB"
 
 
 def parse_merge_args(argv: Optional[list[str]] = None) -> MergeOptions:
@@ -66,14 +68,18 @@ def parse_merge_args(argv: Optional[list[str]] = None) -> MergeOptions:
                         help="Compare logits with base + adapters through PEFT (default: on when the model fits in memory).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output_dir (only once the new one is complete).")
     parser.add_argument("--num_shards", type=int, default=None, help="pth only: model-parallel shards (default by size: 7B 1, 13B 2, 33B 4, 65B 8).")
+    parser.add_argument("--max_shard_size", default="2GB",
+                        help="Largest output file (e.g. 2GB, 500MB): memory use is about this plus the adapters. Default: %(default)s.")
     parser.add_argument("--offload_dir", default=None, help="Accepted for the seed's command lines; unused (the merge streams shards).")
     ns = parser.parse_args(argv)
     adapters = [Path(part.strip()) for part in ns.lora_model.split(",") if part.strip()]
     if not adapters:
         raise ZhtrainError("--lora_model is empty; pass one or more adapter folders, comma-separated")
+    shard_size_bytes(ns.max_shard_size)  # a bad size fails here, before any work
     if ns.num_shards is not None and (ns.num_shards < 1 or ns.output_type != "pth"):
         raise ZhtrainError(f"--num_shards {ns.num_shards}: only for --output_type pth, and at least 1")
-    return MergeOptions(Path(ns.base_model), adapters, Path(ns.output_dir), ns.output_type, ns.dtype, ns.verify, ns.overwrite, ns.num_shards)
+    return MergeOptions(Path(ns.base_model), adapters, Path(ns.output_dir), ns.output_type, ns.dtype, ns.verify, ns.overwrite,
+                        ns.num_shards, ns.max_shard_size)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -97,10 +103,12 @@ def merge(opts: MergeOptions) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        max_bytes = shard_size_bytes(opts.max_shard_size)
         if opts.output_type == "huggingface":
-            write_huggingface(plan, tmp, opts.dtype, config)
+            write_huggingface(plan, tmp, opts.dtype, config, max_bytes)
         else:
-            write_pth(plan, tmp, opts.dtype, config, opts.num_shards or meta_format.default_num_shards(config["hidden_size"]))
+            parts = opts.num_shards or meta_format.default_num_shards(config["hidden_size"])
+            write_pth(plan, tmp, opts.dtype, config, parts, max_bytes)
         copy_tokenizer(plan, tmp)
         summary = {"base_model": str(opts.base_model), "lora_model": [str(a.path) for a in adapters],
                    "output_type": opts.output_type, "vocab_size": plan.final_vocab, "tie_word_embeddings": plan.tied_output,
@@ -250,57 +258,46 @@ def output_dtype(choice: str, stored: torch.dtype) -> torch.dtype:
     return DTYPES[choice]
 
 
-def merged_shard(plan: MergePlan, shard: Path, dtype_choice: str, with_lm_head: bool):
-    """(name, merged tensor in the output dtype) for one base shard; lm_head follows embed_tokens when derived."""
-    for key, tensor in iter_shard(shard):
-        yield key, merged_tensor(plan, key, tensor).to(output_dtype(dtype_choice, tensor.dtype))
-        if key == EMBED and with_lm_head:
-            yield LM_HEAD, merged_tensor(plan, LM_HEAD, tensor).to(output_dtype(dtype_choice, tensor.dtype))
+def merged_tensors(plan: MergePlan, dtype_choice: str, with_lm_head: bool):
+    """(name, merged tensor in the output dtype), base shard after base shard, one tensor at a time;
+    the lm_head of a tied base follows embed_tokens when it is written out."""
+    for shard in plan.checkpoint.shards:
+        for key, tensor in iter_shard(shard, plan.checkpoint.keys[shard]):
+            yield key, merged_tensor(plan, key, tensor).to(output_dtype(dtype_choice, tensor.dtype))
+            if key == EMBED and with_lm_head:
+                yield LM_HEAD, merged_tensor(plan, LM_HEAD, tensor).to(output_dtype(dtype_choice, tensor.dtype))
+
+
+def shard_size_bytes(text: str) -> int:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        size = int(text) if text.strip().isdigit() else convert_file_size_to_int(text)
+    except ValueError as err:
+        raise ZhtrainError(f"--max_shard_size {text}: not a size; write e.g. 2GB or 500MB") from err
+    if size <= 0:
+        raise ZhtrainError(f"--max_shard_size {text}: must be positive")
+    return size
 
 
 # ---------------------------------------------------------------------------------------------
 # Writers
 
 
-def write_huggingface(plan: MergePlan, out: Path, dtype_choice: str, config: dict) -> None:
-    shards = plan.checkpoint.shards
-    names = shard_names(len(shards))
-    weight_map: dict[str, str] = {}
-    total = 0
-    for number, (shard, name) in enumerate(zip(shards, names), start=1):
-        tensors = dict(merged_shard(plan, shard, dtype_choice, with_lm_head=plan.tied_base and plan.untie))
-        total += save_shard(tensors, out / name)
-        weight_map.update(dict.fromkeys(tensors, name))
-        del tensors
-        logger.info("shard %d/%d written (%s)", number, len(shards), name)
-    if len(names) > 1:
-        write_index(out, weight_map, total)
+def write_huggingface(plan: MergePlan, out: Path, dtype_choice: str, config: dict, max_bytes: int) -> None:
+    """Safetensors shards of at most max_bytes, written while the base streams through."""
+    writer = ShardWriter(out, max_bytes)
+    for key, tensor in merged_tensors(plan, dtype_choice, with_lm_head=plan.tied_base and plan.untie):
+        writer.add(key, tensor)
+    names = writer.finish()
+    logger.info("%d shard(s) written", len(names))
     write_json(out / "config.json", config)
     write_json(out / "generation_config.json", generation_config(plan, config))
 
 
-def write_pth(plan: MergePlan, out: Path, dtype_choice: str, config: dict, parts: int) -> None:
-    """Meta's layout: per base shard, a slice file per model-parallel part; then one file per part."""
-    shards = plan.checkpoint.shards
-    for number, shard in enumerate(shards):
-        slices: list[dict] = [{} for _ in range(parts)]
-        for key, tensor in merged_shard(plan, shard, dtype_choice, with_lm_head=plan.tied_base):
-            for part, (name, piece) in enumerate(meta_format.to_meta_parts(key, tensor, config, parts)):
-                slices[part][name] = piece
-        for part, state in enumerate(slices):
-            torch.save(state, out / f".slice-{number:05d}-{part:02d}.pth")
-        del slices
-        logger.info("shard %d/%d converted to Meta's layout", number + 1, len(shards))
-    for part in range(parts):
-        files = [out / f".slice-{number:05d}-{part:02d}.pth" for number in range(len(shards))]
-        state: dict = {}
-        for path in files:
-            state.update(torch.load(str(path), map_location="cpu", weights_only=True, mmap=True))
-        torch.save(state, out / meta_format.shard_file(part))
-        del state
-        for path in files:
-            path.unlink()
-    meta_format.write_params(out, config)
+def write_pth(plan: MergePlan, out: Path, dtype_choice: str, config: dict, parts: int, max_bytes: int) -> None:
+    tensors = merged_tensors(plan, dtype_choice, with_lm_head=plan.tied_base)  # Meta's layout always has output.weight
+    meta_format.write_consolidated(tensors, out, config, parts, max_bytes)
 
 
 def merged_config(plan: MergePlan, dtype_choice: str) -> dict:
@@ -373,34 +370,18 @@ def maybe_verify(plan: MergePlan, opts: MergeOptions, out: Path, config: dict) -
         reason = "--no-verify" if opts.verify is False else f"the model is too large to verify in memory ({why}); pass --verify to force"
         print(f"zhtrain merge: verification skipped: {reason}", flush=True)
         return {"skipped": reason}
-    reference = verify.model_with_adapters(plan.checkpoint.folder, [a.path for a in plan.adapters])
-    merged = load_merged(out, opts.output_type, config)
-    inputs = verify.verification_inputs(out if any(out.glob("tokenizer*")) else None, plan.final_vocab)
-    diff, scale = verify.max_logit_difference(merged, reference, inputs)
     dtype = DTYPES.get(opts.dtype) or plan.checkpoint.dtypes[EMBED]
-    tolerance = verify.tolerance_for(dtype, scale)
-    print(f"zhtrain merge: verified against base + adapters through PEFT on {len(inputs)} inputs: max |logit difference| "
+    diff, tolerance, inputs = verify.compare_with_peft(
+        plan.checkpoint.folder, [a.path for a in plan.adapters], out, opts.output_type, config, plan.final_vocab, dtype
+    )
+    print(f"zhtrain merge: verified against base + adapters through PEFT on {inputs} inputs: max |logit difference| "
           f"{diff:.3g} (tolerance {tolerance:.3g})", flush=True)
     if not diff <= tolerance:
         raise ZhtrainError(
             f"verification failed: max |logit difference| {diff:.3g} exceeds {tolerance:.3g} between the merged model and "
             f"base + adapters through PEFT; nothing was written to {opts.output_dir} (report this with the adapters' configs)"
         )
-    return {"max_abs_logit_diff": diff, "tolerance": tolerance, "inputs": len(inputs)}
-
-
-def load_merged(out: Path, output_type: str, config: dict):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if output_type == "huggingface":
-        model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
-    else:
-        fields = {k: v for k, v in config.items() if k not in ("model_type", "dtype", "torch_dtype")}
-        hf_config = AutoConfig.for_model(config["model_type"], **fields)
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-        state = meta_format.read_meta(out, config)
-        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    return model.eval()
+    return {"max_abs_logit_diff": diff, "tolerance": tolerance, "inputs": inputs}
 
 
 if __name__ == "__main__":

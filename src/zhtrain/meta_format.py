@@ -165,6 +165,38 @@ def read_meta(folder: str | Path, config: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+def write_consolidated(tensors, out: Path, config: dict, parts: int, max_bytes: int) -> None:
+    """HF-named (name, tensor) pairs -> consolidated.NN.pth + params.json. While streaming, the slices of up to
+    max_bytes are saved per part; each consolidated file is then assembled once (Meta's format is one file per part)."""
+    slices: list[dict] = [{} for _ in range(parts)]
+    chunks, held = 0, 0
+
+    def flush():
+        nonlocal slices, chunks, held
+        for part, state in enumerate(slices):
+            torch.save(state, out / f".slice-{chunks:05d}-{part:02d}.pth")
+        slices, chunks, held = [{} for _ in range(parts)], chunks + 1, 0
+
+    for hf, tensor in tensors:
+        size = tensor.numel() * tensor.element_size()
+        if held and held + size > max_bytes:
+            flush()
+        for part, (name, piece) in enumerate(to_meta_parts(hf, tensor, config, parts)):
+            slices[part][name] = piece
+        held += size
+    flush()
+    for part in range(parts):
+        files = [out / f".slice-{number:05d}-{part:02d}.pth" for number in range(chunks)]
+        state: dict = {}
+        for path in files:
+            state.update(torch.load(str(path), map_location="cpu", weights_only=True, mmap=True))
+        torch.save(state, out / shard_file(part))
+        del state
+        for path in files:
+            path.unlink()
+    write_params(out, config)
+
+
 def write_params(folder: Path, config: dict) -> None:
     (folder / "params.json").write_text(json.dumps(params_json(config)) + "\n", encoding="utf-8")
 

@@ -73,6 +73,33 @@ class _peft_loadable:
             self.tmp.cleanup()
 
 
+def compare_with_peft(base_dir: Path, adapter_dirs, out: Path, output_type: str, config: dict, vocab: int, dtype) -> tuple[float, float, int]:
+    """(max |logit difference|, tolerance, number of inputs): the merged output against base + adapters via PEFT."""
+    reference = model_with_adapters(base_dir, adapter_dirs)
+    merged = load_merged(out, output_type, config)
+    inputs = verification_inputs(out if any(out.glob("tokenizer*")) else None, vocab)
+    diff, scale = max_logit_difference(merged, reference, inputs)
+    return diff, tolerance_for(dtype, scale), len(inputs)
+
+
+def load_merged(out: Path, output_type: str, config: dict):
+    """The merged folder in float32: HF as saved; Meta's pth read back into HF names (so it is verified too)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from zhtrain.meta_format import read_meta
+
+    if output_type == "huggingface":
+        model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    else:
+        fields = {k: v for k, v in config.items() if k not in ("model_type", "dtype", "torch_dtype")}
+        hf_config = AutoConfig.for_model(config["model_type"], **fields)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+        state = read_meta(out, config)
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return model.eval()
+
+
+
 def verification_inputs(tokenizer_dir: Optional[Path], vocab: int, seed: int = 0) -> list[torch.Tensor]:
     """A few real sentences (with the final tokenizer) and random ids that reach the newest rows."""
     batches = []

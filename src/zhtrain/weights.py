@@ -75,6 +75,8 @@ def open_checkpoint(folder: str | Path, flag: str = "--base_model") -> Checkpoin
     folder = Path(folder)
     if not folder.is_dir():
         raise ZhtrainError(f"{flag} {folder}: no such folder; pass a model folder in Hugging Face format")
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        raise ZhtrainError(f"{flag} {folder}: this is a LoRA adapter, not a model; pass the base model it was trained on (or merge it first)")
     read_config(folder)
     for index_name, single_name in LAYOUTS:
         if (folder / index_name).is_file():
@@ -84,8 +86,6 @@ def open_checkpoint(folder: str | Path, flag: str = "--base_model") -> Checkpoin
             shards = [folder / single_name]
             break
     else:
-        if (folder / "adapter_config.json").is_file():
-            raise ZhtrainError(f"{flag} {folder}: this is a LoRA adapter, not a model; pass the base model it was trained on")
         if list(folder.glob("consolidated.*.pth")):
             raise ZhtrainError(f"{flag} {folder}: Meta consolidated.*.pth weights; convert them to Hugging Face format first")
         raise ZhtrainError(f"{flag} {folder}: no model.safetensors, shards with an index, or pytorch_model.bin; not a Hugging Face model folder")
@@ -142,18 +142,62 @@ def _torch_load(path: Path) -> dict:
     return state
 
 
-def iter_shard(shard: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of one shard, loading one tensor at a time where the format allows."""
+def iter_shard(shard: Path, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of one shard, one tensor in memory at a time.
+
+    safetensors: the file is opened per tensor, so its memory map (whose touched pages count as
+    resident memory) never spans more than the tensor being read. A `.bin` shard can only be
+    memory-mapped whole.
+    """
     if shard.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(shard), framework="pt") as handle:
-            for name in handle.keys():
-                yield name, handle.get_tensor(name)
+        for name in names:
+            with safe_open(str(shard), framework="pt") as handle:
+                tensor = handle.get_tensor(name)
+            yield name, tensor
         return
     state = _torch_load(shard)
-    for name in list(state):
+    for name in names:
         yield name, state.pop(name)
+
+
+class ShardWriter:
+    """Safetensors shards of at most `max_bytes` each, written as tensors arrive; named
+    model-0000i-of-0000N.safetensors (or model.safetensors) once N is known, with the index."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.written: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        self.pending[name] = tensor
+        self.pending_bytes += size
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        path = self.folder / f".part-{len(self.written):05d}.safetensors"
+        self.total += save_shard(self.pending, path)
+        self.written.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> list[str]:
+        self.flush()
+        names = shard_names(len(self.written))
+        weight_map = {}
+        for (path, keys), name in zip(self.written, names):
+            os.replace(path, self.folder / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        if len(names) > 1:
+            write_index(self.folder, weight_map, self.total)
+        return names
 
 
 def shard_names(count: int) -> list[str]:

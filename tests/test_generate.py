@@ -1,0 +1,93 @@
+"""`zhtrain generate`: the seed's inference_hf.py flags and defaults, templates, files, interactive, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from merge_fixtures import load_model, make_adapter
+
+from zhtrain.errors import ZhtrainError
+from zhtrain.generate import SAMPLING_DEFAULTS, generate, parse_generate_args
+from zhtrain.merge import merge, parse_merge_args
+
+GREEDY = ["--no-do_sample", "--max_new_tokens", "6", "--only_cpu"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_model_dir, sp_tokenizer_dir):
+    root = tmp_path_factory.mktemp("generate")
+    adapter = make_adapter(load_model(tiny_model_dir), root / "pt_lora_model", sp_tokenizer_dir)
+    merged = root / "merged"
+    merge(parse_merge_args(["--base_model", str(tiny_model_dir), "--lora_model", str(adapter), "--output_dir", str(merged), "--no-verify"]))
+    data = root / "questions.txt"
+    data.write_text("白日依山尽\n\n黄河入海流\n", encoding="utf-8")
+    return {"root": root, "base": tiny_model_dir, "adapter": adapter, "merged": merged, "data": data}
+
+
+def run(*argv):
+    return generate(parse_generate_args([str(a) for a in argv]))
+
+
+def test_flags_and_sampling_defaults_are_the_seeds():
+    opts = parse_generate_args(["--base_model", "m"])
+    assert opts.sampling == dict(temperature=0.2, top_k=40, top_p=0.9, do_sample=True, num_beams=1, repetition_penalty=1.1, max_new_tokens=400)
+    assert opts.sampling == SAMPLING_DEFAULTS and opts.predictions_file == "./predictions.json" and opts.gpus == "0"
+    opts = parse_generate_args(["--base_model", "m", "--lora_model", "a,b", "--temperature", "0.7", "--no-do_sample", "--with_prompt",
+                                "--interactive", "--only_cpu", "--tokenizer_path", "t", "--data_file", "d", "--template", "alpaca"])
+    assert opts.lora_model == ["a", "b"] and opts.sampling["temperature"] == 0.7 and opts.sampling["do_sample"] is False
+    assert opts.with_prompt and opts.interactive and opts.only_cpu and opts.tokenizer_path == "t"
+
+
+def test_merged_model_generates_what_base_plus_adapter_generates(models, tmp_path):
+    merged = run("--base_model", models["merged"], "--data_file", models["data"], "--predictions_file", tmp_path / "a" / "p.json", *GREEDY)
+    layered = run("--base_model", models["base"], "--lora_model", models["adapter"], "--data_file", models["data"],
+                  "--predictions_file", tmp_path / "b" / "p.json", *GREEDY)
+    assert [r["Output"] for r in merged] == [r["Output"] for r in layered]
+    assert len(merged) == 2 and all(r["Output"] for r in merged)  # blank lines are skipped
+    saved = json.loads((tmp_path / "a" / "p.json").read_text(encoding="utf-8"))
+    assert saved == merged and "白日依山尽" in saved[0]["Input"]
+    settings = json.loads((tmp_path / "a" / "p.generation_config.json").read_text())
+    assert settings["max_new_tokens"] == 6 and settings["repetition_penalty"] == 1.1
+
+
+def test_with_prompt_uses_the_template_table(models, tmp_path):
+    from transformers import AutoTokenizer
+
+    from zhtrain.data.templates import get_template, save_template
+
+    tokenizer = AutoTokenizer.from_pretrained(str(models["merged"]))
+    out = run("--base_model", models["merged"], "--data_file", models["data"], "--with_prompt", "--template", "alpaca",
+              "--predictions_file", tmp_path / "p.json", *GREEDY)
+    expected = get_template("alpaca").encode_prompt(tokenizer, "白日依山尽")
+    assert out[0]["Input"] == tokenizer.decode(expected) and "### Instruction:" in out[0]["Input"]
+    # The template saved with the model (by zhtrain sft, carried over by zhtrain merge) is the default.
+    save_template(models["merged"], "vicuna_v1.1")
+    try:
+        out = run("--base_model", models["merged"], "--data_file", models["data"], "--with_prompt", "--predictions_file", tmp_path / "q.json", *GREEDY)
+    finally:
+        (models["merged"] / "zhtrain_template.json").unlink()
+    assert "USER: 白日依山尽 ASSISTANT:" in out[0]["Input"]
+
+
+def test_interactive_reads_until_an_empty_line(models, capsys):
+    lines = iter(["黄河", "入海流", ""])
+    results = generate(parse_generate_args(["--base_model", str(models["merged"]), "--interactive", "--seed", "0",
+                                            "--max_new_tokens", "4", "--only_cpu"]), read_line=lambda prompt: next(lines))
+    assert len(results) == 2
+    assert capsys.readouterr().out.count("Response:") == 2
+
+
+def test_bad_inputs(models, tmp_path):
+    with pytest.raises(ZhtrainError, match="--data_file .*missing.txt: no such file"):
+        run("--base_model", models["merged"], "--data_file", tmp_path / "missing.txt", *GREEDY)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ZhtrainError, match="no instructions"):
+        run("--base_model", models["merged"], "--data_file", empty, *GREEDY)
+    with pytest.raises(ZhtrainError, match="--template nope: unknown template"):
+        run("--base_model", models["merged"], "--data_file", models["data"], "--with_prompt", "--template", "nope", *GREEDY)
+    with pytest.raises(ZhtrainError, match="LoRA adapter, not a model"):
+        run("--base_model", models["adapter"], "--data_file", models["data"], *GREEDY)
+    with pytest.raises(ZhtrainError, match="--max_new_tokens 0"):
+        parse_generate_args(["--base_model", "m", "--max_new_tokens", "0"])
