@@ -304,3 +304,13 @@ def test_cli_prints_one_line_and_exits_2(world, tmp_path, capsys):
 def test_targets_cover_all_seed_projections(world):
     config = json.loads((world["first"] / "adapter_config.json").read_text())
     assert set(config["target_modules"]) == set(ALL_TARGETS)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_output(world, tmp_path, dtype):
+    summary = run_merge(world["base"], [world["first"]], tmp_path / "half", "--dtype", dtype)
+    tensors = all_tensors(tmp_path / "half")
+    assert {str(t.dtype) for t in tensors.values()} == {f"torch.{dtype}"}
+    assert json.loads((tmp_path / "half" / "config.json").read_text())["dtype"] == dtype
+    check = summary["verification"]
+    assert check["max_abs_logit_diff"] <= check["tolerance"]  # relative to the logits' scale for half precision

@@ -8,7 +8,9 @@ tokenizer extension, merge, SFT — slot in as further steps):
     3. write_train_text the first --train_lines lines -> <output_dir>/demo_data/*.txt
     4. pretrain_lora    LoRA + trained embed_tokens/lm_head through `zhtrain pretrain`, with the
                         held-out perplexity measured before the first step and after the last
-    5. report           perplexity before -> after, time, where pt_lora_model/ is
+    5. merge_and_continue  `zhtrain merge` of pt_lora_model/ into the base (verified against PEFT),
+                        then a Chinese continuation from the merged model through `zhtrain generate`
+    6. report           perplexity before -> after, time, where pt_lora_model/ is
 
 SmolLM2 has a 49,152-token byte-level BPE vocabulary: the seed's modes table is about LLaMA's
 SentencePiece tokenizers, so this is a "custom vocabulary, unchanged" run.
@@ -47,6 +49,7 @@ class DemoResult:
     perplexity_after: float
     seconds: float
     adapter_dir: Path
+    merged: Optional[dict] = None  # the merged model's folder, verification and continuation
 
 
 def parse_demo_args(argv: Optional[list[str]] = None) -> DemoOptions:
@@ -81,12 +84,14 @@ def run_demo(opts: DemoOptions) -> DemoResult:
     corpus = fetch_corpus()
     dataset_dir = write_train_text(corpus, opts.output_dir / "demo_data", opts.train_lines)
     metrics = pretrain_lora(model_dir, dataset_dir, opts)
+    merged = merge_and_continue(model_dir, opts)
     result = DemoResult(
         steps=metrics["steps"],
         perplexity_before=metrics["perplexity_before"],
         perplexity_after=metrics["perplexity_after"],
         seconds=time.perf_counter() - start,
         adapter_dir=opts.output_dir / "pt_lora_model",
+        merged=merged,
     )
     report(result)
     return result
@@ -196,6 +201,29 @@ def pretrain_flags(model_dir: Path, dataset_dir: Path, opts: DemoOptions) -> lis
     ]
 
 
+CONTINUATION_PROMPT = "新华社北京1月1日电"  # how a People's Daily news item opens
+
+
+def merge_and_continue(model_dir: Path, opts: DemoOptions) -> dict:
+    """`zhtrain merge` of pt_lora_model/ into the base (verified against PEFT), then `zhtrain generate`
+    continues a Chinese news opening from the merged model alone, with the seed's sampling settings."""
+    from zhtrain.generate import generate, parse_generate_args
+    from zhtrain.merge import merge, parse_merge_args
+
+    merged = opts.output_dir / "merged"
+    flags = ["--base_model", str(model_dir), "--lora_model", str(opts.output_dir / "pt_lora_model"),
+             "--output_dir", str(merged), "--overwrite"]
+    say(f"merge: zhtrain merge {' '.join(flags)}")
+    summary = merge(parse_merge_args(flags))
+    prompt = opts.output_dir / "continuation_prompt.txt"
+    prompt.write_text(CONTINUATION_PROMPT + "\n", encoding="utf-8")
+    (result,) = generate(parse_generate_args([
+        "--base_model", str(merged), "--data_file", str(prompt), "--predictions_file", str(opts.output_dir / "continuation.json"),
+        "--only_cpu", "--seed", "42", "--max_new_tokens", "48",
+    ]))
+    return {"dir": merged, "verification": summary.get("verification", {}), "prompt": CONTINUATION_PROMPT, "text": result["Output"]}
+
+
 def first_eval_perplexity(log_history: list[dict]) -> float:
     """The perplexity the Trainer logged at step 0 (eval_on_start)."""
     for entry in log_history:
@@ -212,6 +240,12 @@ def report(result: DemoResult) -> None:
         f"validation perplexity: {result.perplexity_before:.2f} before -> {result.perplexity_after:.2f} after "
         f"{result.steps} steps ({'-' if drop >= 0 else '+'}{abs(drop):.2f}, {-percent:+.1f}%)"
     )
+    if result.merged:
+        merged = result.merged
+        diff = merged["verification"].get("max_abs_logit_diff")
+        checked = f"max |logit difference| vs base + adapter through PEFT {diff:.2g}" if diff is not None else "not verified"
+        say(f"merged model in {merged['dir']}/ ({checked})")
+        say(f"continuation from the merged model: {merged['prompt']} -> {merged['text']}")
     say(f"total time {minutes}m{seconds:02d}s; LoRA adapter (with embed_tokens/lm_head) in {result.adapter_dir}/")
     if drop <= 0:
         say("warning: perplexity did not fall; try more --max_steps or another --learning_rate")

@@ -202,7 +202,8 @@ class Generator:
             output = self.model.generate(
                 input_ids=input_ids, attention_mask=torch.ones_like(input_ids), eos_token_id=self.eos, pad_token_id=self.pad, **settings
             )
-        response = self.tokenizer.decode(output[0, len(ids):], skip_special_tokens=True).strip()
+        # rstrip U+FFFD: a byte-level token cut by max_new_tokens can leave half a character
+        response = self.tokenizer.decode(output[0, len(ids):], skip_special_tokens=True).strip().rstrip("\ufffd")
         return self.tokenizer.decode(ids, skip_special_tokens=False), response
 
 

@@ -1,9 +1,9 @@
 """Check a merged model against PEFT's own result: logits of the merge vs base + adapters through PEFT.
 
 The reference follows the order the seed's merge implies: for each adapter, grow the model to the
-adapter's tokenizer, attach it with `PeftModel.from_pretrained`, and `merge_and_unload` before the
-next; the last adapter stays attached (its forward pass runs through PEFT's LoRA layers).
-`generate` uses the same builder to run a base model with adapters.
+adapter's tokenizer, attach it with `PeftModel.from_pretrained`, and `merge_and_unload` it, then the
+next. `generate` uses the same builder to run a base model with adapters (the last one attached as
+LoRA layers); the tests also compare against that unmerged forward pass on tiny models.
 """
 
 from __future__ import annotations
@@ -25,11 +25,13 @@ logger = logging.getLogger(__name__)
 SAMPLE_TEXTS = ("白日依山尽，黄河入海流。", "人民日报社论：迎接新的一年。", "The capital of France is Paris.")
 # Max |logit difference| allowed: absolute in float32; for half-precision output, the weights' own
 # rounding moves logits, so the bound is relative to the largest logit.
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2.5e-2}
 
 
-def model_with_adapters(base_dir: str | Path, adapter_dirs: Sequence[str | Path], dtype: torch.dtype = torch.float32, attn: str = "sdpa"):
-    """Base + adapters applied through PEFT in order (see the module docstring)."""
+def model_with_adapters(base_dir: str | Path, adapter_dirs: Sequence[str | Path], dtype: torch.dtype = torch.float32,
+                        attn: str = "sdpa", merge_last: bool = False):
+    """Base + adapters applied through PEFT in order (see the module docstring); `merge_last` folds the last one
+    in too (PEFT's merge_and_unload, the seed merge script's own path) instead of running it as a LoRA layer."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -42,7 +44,7 @@ def model_with_adapters(base_dir: str | Path, adapter_dirs: Sequence[str | Path]
             untie_embeddings(model)  # as training did: embed_tokens and lm_head each get their own weights
         with _peft_loadable(adapter) as loadable:
             model = PeftModel.from_pretrained(model, str(loadable))
-        if position < len(adapter_dirs) - 1:
+        if position < len(adapter_dirs) - 1 or merge_last:
             model = model.merge_and_unload()
     model.eval()
     return model
@@ -75,7 +77,9 @@ class _peft_loadable:
 
 def compare_with_peft(base_dir: Path, adapter_dirs, out: Path, output_type: str, config: dict, vocab: int, dtype) -> tuple[float, float, int]:
     """(max |logit difference|, tolerance, number of inputs): the merged output against base + adapters via PEFT."""
-    reference = model_with_adapters(base_dir, adapter_dirs)
+    # PEFT's merge path for every adapter: a LoRA layer's unmerged forward rounds differently (x@W + x@A@B vs
+    # x@(W + B@A)), ~2e-4 on the logits of a real 30-layer model, which would hide a real error under 1e-4.
+    reference = model_with_adapters(base_dir, adapter_dirs, merge_last=True)
     merged = load_merged(out, output_type, config)
     inputs = verification_inputs(out if any(out.glob("tokenizer*")) else None, vocab)
     diff, scale = max_logit_difference(merged, reference, inputs)
