@@ -40,6 +40,7 @@ def make_adapter(
     if modules_to_save:
         untie_embeddings(model)
     config = LoraConfig(target_modules=list(targets), r=r, lora_alpha=alpha, modules_to_save=list(modules_to_save) or None, **lora_kwargs)
+    torch.manual_seed(seed)  # PEFT draws lora_A from the global generator
     peft_model = get_peft_model(model, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

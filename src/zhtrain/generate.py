@@ -40,7 +40,7 @@ class GenerateOptions:
     system_prompt: Optional[str] = None
     interactive: bool = False
     predictions_file: str = "./predictions.json"
-    gpus: str = "0"
+    gpus: Optional[str] = None
     only_cpu: bool = False
     seed: Optional[int] = None
     sampling: dict = field(default_factory=lambda: dict(SAMPLING_DEFAULTS))
@@ -57,7 +57,7 @@ def parse_generate_args(argv: Optional[list[str]] = None) -> GenerateOptions:
     p.add_argument("--system_prompt", default=None, help="System prompt for --with_prompt (default: the template's).")
     p.add_argument("--interactive", action="store_true", help="Read instructions from the terminal (an empty line ends).")
     p.add_argument("--predictions_file", default="./predictions.json", help="Where the outputs of --data_file go (default: %(default)s).")
-    p.add_argument("--gpus", default="0", help="CUDA_VISIBLE_DEVICES for the run (default: %(default)s).")
+    p.add_argument("--gpus", default=None, help="CUDA_VISIBLE_DEVICES for the run, e.g. 0 or 0,1 (default: as set).")
     p.add_argument("--only_cpu", action="store_true", help="Run on the CPU even if a GPU is there.")
     p.add_argument("--seed", type=int, default=None, help="Random seed for sampling (default: not fixed).")
     for name, value in SAMPLING_DEFAULTS.items():
@@ -120,7 +120,8 @@ def read_instructions(data_file: Optional[str]) -> list[str]:
 def choose_device(opts: GenerateOptions) -> str:
     if opts.only_cpu:
         return "cpu"
-    os.environ.setdefault("CUDA_VISIBLE_DEVICES", opts.gpus)  # before the first CUDA call, as the seed does
+    if opts.gpus is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = opts.gpus  # before the first CUDA call, as the seed does
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
