@@ -24,9 +24,10 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -99,10 +100,7 @@ def merge(opts: MergeOptions) -> dict:
         meta_format.check_names(checkpoint.shapes)
     check_disk_space(plan, opts)
 
-    tmp = opts.output_dir.with_name(f".{opts.output_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with output_folder(opts.output_dir) as tmp:
         max_bytes = shard_size_bytes(opts.max_shard_size)
         if opts.output_type == "huggingface":
             write_huggingface(plan, tmp, opts.dtype, config, max_bytes)
@@ -115,18 +113,29 @@ def merge(opts: MergeOptions) -> dict:
                    "merge_seconds": round(time.perf_counter() - start, 2)}
         summary["verification"] = maybe_verify(plan, opts, tmp, config)
         write_json(tmp / "zhtrain_merge.json", summary)
-        replace_dir(tmp, opts.output_dir)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if err.errno == errno.ENOSPC:
-            raise ZhtrainError(f"--output_dir {opts.output_dir}: the disk filled up while writing; free space and run again (nothing was left behind)") from err
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a half-written model must never look complete
-        raise
     print(f"zhtrain merge: {len(adapters)} adapter(s) merged into {opts.output_dir} ({opts.output_type}, vocab {plan.final_vocab}) "
           f"in {time.perf_counter() - start:.1f}s", flush=True)
     return summary
+
+
+@contextmanager
+def output_folder(dest: Path) -> Iterator[Path]:
+    """A temporary folder beside `dest`, renamed to `dest` only when the block succeeds (the old `dest`, if any,
+    stays until then); on any failure it is removed, so a half-written model never looks complete."""
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        replace_dir(tmp, dest)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno == errno.ENOSPC:
+            raise ZhtrainError(f"--output_dir {dest}: the disk filled up while writing; free space and run again (nothing was left behind)") from err
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
