@@ -311,3 +311,22 @@ def test_fsdp_gather_and_save_under_torchrun_on_cpu(tmp_path, tiny_model_dir, sp
         assert torch.allclose(tensor, expected[name], atol=1e-6), name
     assert not torch.allclose(saved.state_dict()["model.layers.0.mlp.up_proj.weight"],
                               AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).state_dict()["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_demo_conversation_set_is_valid_chinese_and_its_sft_flags_parse(tmp_path):
+    from zhtrain import demo
+    from zhtrain.data.chat import load_conversations
+
+    train, valid = demo.write_conversations(tmp_path / "data")
+    train_convs, valid_convs = load_conversations([train]), load_conversations([valid])
+    assert 20 <= len(train_convs) + len(valid_convs) <= 50 and len(valid_convs) >= 5
+    assert {c.id for c in train_convs}.isdisjoint(c.id for c in valid_convs)
+    assert any(len(c.messages) > 3 for c in train_convs)  # multi-turn and system prompts are in it
+    replies = [m["content"] for c in train_convs for m in c.messages if m["role"] == "assistant"]
+    assert all(re.search(r"[\u4e00-\u9fff]", r) for r in replies)
+    opts = demo.parse_demo_args(["--output_dir", str(tmp_path / "run"), "--sft_steps", "5"])
+    model_args, data_args, lora_args, training_args = parse_sft_args(demo.sft_flags(tmp_path, train, valid, opts))
+    assert lora_args.use_lora and lora_args.peft_path == str(tmp_path / "run" / "pt_lora_model")
+    assert data_args.template == "tokenizer" and training_args.max_steps == 5 and training_args.eval_on_start
+    with pytest.raises(ZhtrainError, match="--sft_steps -1"):
+        demo.parse_demo_args(["--sft_steps", "-1"])

@@ -10,7 +10,10 @@ tokenizer extension, merge, SFT — slot in as further steps):
                         held-out perplexity measured before the first step and after the last
     5. merge_and_continue  `zhtrain merge` of pt_lora_model/ into the base (verified against PEFT),
                         then a Chinese continuation from the merged model through `zhtrain generate`
-    6. report           perplexity before -> after, time, where pt_lora_model/ is
+    6. sft_chat         `zhtrain sft` continuing pt_lora_model/ (--peft_path) on the project's small
+                        Chinese conversation set (data/demo_conversations.json), held-out loss before
+                        and after, then one chat turn through `zhtrain generate` with the saved template
+    7. report           perplexity before -> after, time, where pt_lora_model/ is
 
 SmolLM2 has a 49,152-token byte-level BPE vocabulary: the seed's modes table is about LLaMA's
 SentencePiece tokenizers, so this is a "custom vocabulary, unchanged" run.
@@ -40,6 +43,7 @@ class DemoOptions:
     train_lines: int
     learning_rate: float
     eval_blocks: int
+    sft_steps: int = 12
 
 
 @dataclass
@@ -50,6 +54,7 @@ class DemoResult:
     seconds: float
     adapter_dir: Path
     merged: Optional[dict] = None  # the merged model's folder, verification and continuation
+    sft: Optional[dict] = None  # the SFT step's losses, adapter and chat turn (None when skipped)
 
 
 def parse_demo_args(argv: Optional[list[str]] = None) -> DemoOptions:
@@ -64,13 +69,16 @@ def parse_demo_args(argv: Optional[list[str]] = None) -> DemoOptions:
     parser.add_argument("--train_lines", type=int, default=2000, help="Lines of the corpus to train on (default: %(default)s).")
     parser.add_argument("--learning_rate", type=float, default=3e-4, help="Peak learning rate, cosine decay (default: %(default)s).")
     parser.add_argument("--eval_blocks", type=int, default=24, help="Held-out 256-token blocks for perplexity (default: %(default)s).")
+    parser.add_argument("--sft_steps", type=int, default=12, help="SFT steps after pre-training; 0 skips SFT and the chat turn (default: %(default)s).")
     ns = parser.parse_args(argv)
     for flag in ("max_steps", "train_lines", "eval_blocks"):
         if getattr(ns, flag) < 1:
             raise ZhtrainError(f"--{flag} {getattr(ns, flag)}: must be at least 1")
     if not 0 < ns.learning_rate < 1:
         raise ZhtrainError(f"--learning_rate {ns.learning_rate}: must be between 0 and 1, e.g. 3e-4")
-    return DemoOptions(Path(ns.output_dir), ns.max_steps, ns.train_lines, ns.learning_rate, ns.eval_blocks)
+    if ns.sft_steps < 0:
+        raise ZhtrainError(f"--sft_steps {ns.sft_steps}: must be 0 (skip SFT) or more")
+    return DemoOptions(Path(ns.output_dir), ns.max_steps, ns.train_lines, ns.learning_rate, ns.eval_blocks, ns.sft_steps)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -85,6 +93,7 @@ def run_demo(opts: DemoOptions) -> DemoResult:
     dataset_dir = write_train_text(corpus, opts.output_dir / "demo_data", opts.train_lines)
     metrics = pretrain_lora(model_dir, dataset_dir, opts)
     merged = merge_and_continue(model_dir, opts)
+    sft_metrics = sft_chat(model_dir, opts) if opts.sft_steps else None
     result = DemoResult(
         steps=metrics["steps"],
         perplexity_before=metrics["perplexity_before"],
@@ -92,6 +101,7 @@ def run_demo(opts: DemoOptions) -> DemoResult:
         seconds=time.perf_counter() - start,
         adapter_dir=opts.output_dir / "pt_lora_model",
         merged=merged,
+        sft=sft_metrics,
     )
     report(result)
     return result
@@ -224,6 +234,68 @@ def merge_and_continue(model_dir: Path, opts: DemoOptions) -> dict:
     return {"dir": merged, "verification": summary.get("verification", {}), "prompt": CONTINUATION_PROMPT, "text": result["Output"]}
 
 
+SFT_QUESTION = "请介绍一下杭州。"
+
+
+def sft_chat(model_dir: Path, opts: DemoOptions) -> dict:
+    """`zhtrain sft` continuing the pre-trained adapter, then one chat turn through `zhtrain generate`.
+
+    --peft_path is the reference's "continue the LoRA" path: the SFT trains the same adapter
+    (LoRA + embed_tokens/lm_head) further on conversations, with SmolLM2's own chat template
+    (`--template tokenizer`). Every sixth conversation is held out; its loss is measured before the
+    first step and after the last. `zhtrain generate` then finds the template in sft_lora_model/.
+    """
+    from zhtrain.generate import generate, parse_generate_args
+    from zhtrain.sft import parse_sft_args, sft
+
+    out = opts.output_dir / "sft"
+    train, valid = write_conversations(out / "data")
+    flags = sft_flags(model_dir, train, valid, opts)
+    say(f"sft: {opts.sft_steps} steps on {train.name}; zhtrain sft {' '.join(flags)}")
+    result = sft(*parse_sft_args(flags))
+    loss_before = next(e["eval_loss"] for e in result.trainer.state.log_history if "eval_loss" in e and e.get("step") == 0)
+    adapter = out / "sft_lora_model"
+    question = out / "question.txt"
+    question.write_text(SFT_QUESTION + "\n", encoding="utf-8")
+    say(f"chat: zhtrain generate --base_model {model_dir} --lora_model {adapter} --with_prompt (template from {adapter.name}/zhtrain_template.json)")
+    (answer,) = generate(parse_generate_args([
+        "--base_model", str(model_dir), "--lora_model", str(adapter), "--with_prompt", "--only_cpu",
+        "--data_file", str(question), "--predictions_file", str(out / "chat.json"), "--seed", "42", "--max_new_tokens", "48",
+    ]))
+    return {"loss_before": float(loss_before), "loss_after": float(result.metrics["eval_loss"]), "adapter": adapter,
+            "question": SFT_QUESTION, "answer": answer["Output"]}
+
+
+def sft_flags(model_dir: Path, train: Path, valid: Path, opts: DemoOptions) -> list[str]:
+    return [
+        "--model_name_or_path", str(model_dir),
+        "--peft_path", str(opts.output_dir / "pt_lora_model"),
+        "--data_path", str(train), "--validation_file", str(valid),
+        "--template", "tokenizer", "--model_max_length", "256",
+        "--learning_rate", "5e-4", "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.05",
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
+        "--max_steps", str(opts.sft_steps), "--seed", "42",
+        "--do_train", "--do_eval", "--eval_on_start", "True",
+        "--logging_steps", "4", "--save_strategy", "no", "--report_to", "none",
+        "--output_dir", str(opts.output_dir / "sft"), "--overwrite_output_dir",
+    ]
+
+
+def write_conversations(folder: Path) -> tuple[Path, Path]:
+    """The shipped Chinese conversation set, split: every sixth conversation held out."""
+    import json
+
+    records = json.loads((Path(__file__).parent / "data" / "demo_conversations.json").read_text(encoding="utf-8"))
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, keep in (("train.json", lambda k: k % 6 != 5), ("valid.json", lambda k: k % 6 == 5)):
+        path = folder / name
+        with assets.atomic_path(path) as tmp:
+            tmp.write_text(json.dumps([r for k, r in enumerate(records) if keep(k)], ensure_ascii=False), encoding="utf-8")
+        paths.append(path)
+    return paths[0], paths[1]
+
+
 def first_eval_perplexity(log_history: list[dict]) -> float:
     """The perplexity the Trainer logged at step 0 (eval_on_start)."""
     for entry in log_history:
@@ -246,6 +318,10 @@ def report(result: DemoResult) -> None:
         checked = f"max |logit difference| vs base + adapter through PEFT {diff:.2g}" if diff is not None else "not verified"
         say(f"merged model in {merged['dir']}/ ({checked})")
         say(f"continuation from the merged model: {merged['prompt']} -> {merged['text']}")
+    if result.sft:
+        sft = result.sft
+        say(f"sft: held-out conversation loss {sft['loss_before']:.3f} before -> {sft['loss_after']:.3f} after; adapter in {sft['adapter']}/")
+        say(f"chat: {sft['question']} -> {sft['answer']}")
     say(f"total time {minutes}m{seconds:02d}s; LoRA adapter (with embed_tokens/lm_head) in {result.adapter_dir}/")
     if drop <= 0:
         say("warning: perplexity did not fall; try more --max_steps or another --learning_rate")

@@ -19,6 +19,7 @@ The recipe, in the order things happen:
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -125,6 +126,9 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
     if training_args.do_eval and not eval_files and not data_args.preprocess_only:
         raise ZhtrainError("--do_eval needs evaluation data: pass --validation_file or --eval_data_path")
     train_convs = load_conversations(train_files, data_args.data_format)[: data_args.max_train_samples]
+    unanswered = sum(c.unanswered for c in train_convs)
+    if unanswered:
+        logger.info("%d final user messages without a reply are left out (nothing to train on them)", unanswered)
     eval_convs = load_conversations(eval_files, data_args.data_format)[: data_args.max_eval_samples] if eval_files else None
 
     # 2. Encode: ids and masks segment by segment (lazily: in __getitem__).
@@ -158,7 +162,10 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
     if not lora_args.use_lora and model_args.torch_dtype is None:
         model_args.torch_dtype = "float32"  # full fine-tuning keeps fp32 master weights; --bf16 adds autocast
     model = load_base_model(model_args, config, on_gpu)
-    fit_vocabulary(model, tokenizer, trains_lm_head=lora_args.use_lora and "lm_head" in lora_args.modules_to_save_list)
+    fully_trained = modules_to_save(lora_args) if lora_args.use_lora else []
+    grew = fit_vocabulary(model, tokenizer, trains_lm_head="lm_head" in fully_trained)
+    if grew and lora_args.use_lora and "embed_tokens" not in fully_trained:
+        logger.warning("the new tokens' embedding rows stay untrained under LoRA; add --modules_to_save embed_tokens,lm_head to train them")
     if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     if lora_args.use_lora:
@@ -267,11 +274,24 @@ def run_identity(model_args, files, template: str, max_length: int, lora_args) -
     }
 
 
-def fit_vocabulary(model, tokenizer, trains_lm_head: bool) -> None:
+def modules_to_save(lora_args) -> list[str]:
+    """The modules the adapter trains in full: from the flags, or from --peft_path's adapter_config.json."""
+    if lora_args.peft_path:
+        config = Path(lora_args.peft_path) / "adapter_config.json"
+        try:
+            return list(json.loads(config.read_text(encoding="utf-8")).get("modules_to_save") or [])
+        except (OSError, ValueError) as err:
+            raise ZhtrainError(f"--peft_path {lora_args.peft_path}: cannot read adapter_config.json ({err}); pass a LoRA adapter folder") from err
+    return lora_args.modules_to_save_list
+
+
+def fit_vocabulary(model, tokenizer, trains_lm_head: bool) -> bool:
     """SFT keeps the model's vocabulary unless the tokenizer is larger (e.g. base LLaMA + the Alpaca
-    tokenizer and LoRA of the reference's "continue the Alpaca LoRA" path): then it grows."""
+    tokenizer and LoRA of the reference's "continue the Alpaca LoRA" path): then it grows. Returns
+    whether it grew."""
     rows, size = model_vocab_size(model.config), len(tokenizer)
-    if size > rows:
+    grew = size > rows
+    if grew:
         resize_embeddings(model, size)
         logger.warning("model resized from %d to %d tokens to fit the tokenizer (new rows start at the mean)", rows, size)
     elif size < rows and rows in SEED_VOCAB_SIZES:
@@ -280,6 +300,7 @@ def fit_vocabulary(model, tokenizer, trains_lm_head: bool) -> None:
         )
     if trains_lm_head and untie_embeddings(model):
         logger.info("embed_tokens and lm_head were tied; untied so both can be trained (tie_word_embeddings=false)")
+    return grew
 
 
 class SaveTemplateCallback(TrainerCallback):
