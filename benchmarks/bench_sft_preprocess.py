@@ -78,7 +78,8 @@ def main() -> None:
     parser.add_argument("--tokenizer", help="Tokenizer folder (default: LLaMA-32000 from ../shared, else SmolLM2).")
     parser.add_argument("--template", default="vicuna_v1.1")
     parser.add_argument("--model_max_length", type=int, default=2048, help="FastChat's value in the seed command (default: %(default)s).")
-    parser.add_argument("--batch_size", type=int, default=2 * 16, help="Samples per padded batch (default: the seed's 2 x 16 accumulation).")
+    parser.add_argument("--micro_batch", type=int, default=2, help="Samples per padded batch: the seed's per_device_train_batch_size (default: %(default)s).")
+    parser.add_argument("--accumulation", type=int, default=16, help="The seed's gradient_accumulation_steps; --group_by_length groups per micro_batch x this (default: %(default)s).")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -110,9 +111,10 @@ def main() -> None:
     from transformers.trainer_pt_utils import get_length_grouped_indices
     import torch
 
-    grouped = get_length_grouped_indices(lengths, args.batch_size, generator=torch.Generator().manual_seed(0))
-    dynamic_random, fixed = padded_tokens(lengths, args.batch_size, shuffled, args.model_max_length)
-    dynamic_grouped, _ = padded_tokens(lengths, args.batch_size, grouped, args.model_max_length)
+    # The Trainer's LengthGroupedSampler groups per (micro batch x accumulation); each micro batch is padded.
+    grouped = get_length_grouped_indices(lengths, args.micro_batch * args.accumulation, generator=torch.Generator().manual_seed(0))
+    dynamic_random, fixed = padded_tokens(lengths, args.micro_batch, shuffled, args.model_max_length)
+    dynamic_grouped, _ = padded_tokens(lengths, args.micro_batch, grouped, args.model_max_length)
 
     print(f"data: {data if args.data_path else 'People’s Daily conversations'}; {len(conversations)} conversations, "
           f"{sum(s.turns for s in samples)} assistant turns; tokenizer {tokenizer.name_or_path} ({len(tokenizer)} tokens); template {template.name}")
@@ -121,7 +123,7 @@ def main() -> None:
     print(f"read + check files: {len(conversations) / load_s:,.0f} samples/s")
     print(f"encode, batched (default):        {len(samples) / batched_s:,.0f} samples/s ({sum(lengths) / batched_s:,.0f} tokens/s)")
     print(f"encode, one per call (lazy mode):  {len(subset) / single_s:,.0f} samples/s")
-    print(f"tokens per epoch at batch {args.batch_size}: real {real:,}")
+    print(f"tokens per epoch, micro batches of {args.micro_batch}: real {real:,}")
     print(f"  padded to --model_max_length {args.model_max_length} (FastChat): {fixed:,}  ({fixed / real:.2f}x the real tokens)")
     print(f"  padded to the batch's longest, random order (zhtrain): {dynamic_random:,}  ({dynamic_random / real:.2f}x; "
           f"{100 * (1 - dynamic_random / fixed):.1f}% fewer than FastChat)")
