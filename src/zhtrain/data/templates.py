@@ -292,7 +292,10 @@ def _chat_template_segments(tokenizer, messages: Messages, name: str, for_genera
     _require_chat_template(tokenizer, name)
 
     def render(msgs, generation_prompt):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as err:  # jinja raises its own types (e.g. a template that refuses system messages)
+            raise ZhtrainError(f"--template {name}: the tokenizer's chat_template fails on this conversation ({err}); choose a built-in template") from err
 
     specials = sorted(
         set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values() if t.special},
