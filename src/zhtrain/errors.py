@@ -15,3 +15,19 @@ def run_command(fn, argv=None) -> None:
         message = " ".join(str(err).split("\n"))
         print(f"zhtrain: error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def check_writable(path, flag: str) -> None:
+    """Fail before any slow step when a folder cannot be created or written (path under a file,
+    read-only filesystem, no permission) instead of after hours of work."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ZhtrainError(f"{flag} {path}: {existing} is a file, not a folder; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ZhtrainError(f"{flag} {path}: {existing} is not writable; choose a folder you can write to")

@@ -33,7 +33,7 @@ import torch
 
 from zhtrain import meta_format
 from zhtrain.adapters import Adapter, load_adapter, tokenizer_files, touches_embeddings, wanted_vocab
-from zhtrain.errors import ZhtrainError, run_command
+from zhtrain.errors import ZhtrainError, check_writable, run_command
 from zhtrain.train import replace_dir
 from zhtrain.vocab import describe_tokenizer
 from zhtrain.weights import Checkpoint, ShardWriter, iter_shard, open_checkpoint, write_json
@@ -357,6 +357,7 @@ def check_output_dir(opts: MergeOptions) -> None:
             f"--output_dir {opts.output_dir} exists; pass --overwrite to replace it (the old folder stays until the new one "
             "is complete) or choose another folder"
         )
+    check_writable(opts.output_dir, "--output_dir")  # a path under a file / read-only: one line, not a traceback
     out.parent.mkdir(parents=True, exist_ok=True)
 
 
