@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from zhtrain.errors import ZhtrainError
+from zhtrain.errors import ZhtrainError, refused_pickle
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -153,6 +154,8 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         # weights_only: a pickled adapter cannot run code.
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise refused_pickle(str(path), err) from None
     except Exception as err:  # safetensors and torch.load raise many types for a damaged file
         raise ZhtrainError(f"{path}: cannot read the adapter weights ({type(err).__name__}: {err}); the file is damaged or not an adapter") from err
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):

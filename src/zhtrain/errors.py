@@ -31,3 +31,16 @@ def check_writable(path, flag: str) -> None:
         raise ZhtrainError(f"{flag} {path}: {existing} is a file, not a folder; choose another path")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ZhtrainError(f"{flag} {path}: {existing} is not writable; choose a folder you can write to")
+
+
+def refused_pickle(where: str, err: Exception) -> ZhtrainError:
+    """A legacy .bin is read only with torch.load(weights_only=True); one that needs code to unpickle
+    is refused in one line (torch's own message suggests weights_only=False: never)."""
+    import re
+
+    wanted = re.search(r"GLOBAL (\S+)", str(err))
+    what = f"unpickling it would call {wanted.group(1)}" if wanted else "it holds more than tensors"
+    return ZhtrainError(
+        f"{where} refused: {what} (zhtrain loads .bin files with torch.load(weights_only=True) only). "
+        "Use safetensors weights from a source you trust"
+    )
