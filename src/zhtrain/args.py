@@ -16,7 +16,9 @@ from typing import Optional
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from zhtrain.config import CONFIG_EPILOG, CommandParser, yaml_value, expand_config_file, read_config_file  # noqa: F401
 from zhtrain.errors import ZhtrainError
+from zhtrain.vocab import NEW_TOKEN_INITS
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,14 @@ class ModelArguments:
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model code from the model folder. Off unless you pass it."}
+    )
+    new_token_init: str = field(
+        default="subword_mean",
+        metadata={
+            "help": "How embedding rows of tokens the model lacks start: subword_mean (the mean of the rows of the "
+            "pieces the model's own tokenizer splits the token into), mean (of all rows), random (the seed).",
+            "choices": list(NEW_TOKEN_INITS),
+        },
     )
     custom_vocab: bool = field(
         default=False,
@@ -122,9 +132,23 @@ class ZhtrainTrainingArguments(TrainingArguments):
     group_by_length: bool = field(
         default=False, metadata={"help": "Seed spelling of --train_sampling_strategy group_by_length."}
     )
+    chunked_loss: bool = field(
+        default=True,
+        metadata={"help": "Training loss: lm_head + cross-entropy a few hundred positions at a time, so the "
+                          "tokens x vocab logits never exist whole (same loss and gradients; see zhtrain/loss.py). "
+                          "--chunked_loss False uses the model's own loss."},
+    )
+    report_to: Optional[str] = field(
+        default=None,
+        metadata={"help": "Where to log: tensorboard (the default when it is installed, else none), wandb, all, none."},
+    )
 
     def __post_init__(self):
         self.compat_notes: list[str] = []
+        if self.report_to is None:
+            from transformers.integrations import is_tensorboard_available
+
+            self.report_to = "tensorboard" if is_tensorboard_available() else "none"
         if self.warmup_ratio is not None:
             self.warmup_steps = float(self.warmup_ratio)
         if self.evaluation_strategy is not None:
@@ -141,6 +165,11 @@ class ZhtrainTrainingArguments(TrainingArguments):
             self.compat_notes.append("--save_safetensors False ignored: zhtrain writes safetensors only")
         import torch
 
+        from zhtrain import distributed
+
+        if self.deepspeed:  # before the CPU fallback below: the flags as the user passed them
+            distributed.check_deepspeed_config(self.deepspeed, bool(self.fp16), bool(self.bf16), torch.cuda.is_available())
+
         if not torch.cuda.is_available():
             for flag in ("fp16", "bf16", "tf32"):
                 if getattr(self, flag):
@@ -153,7 +182,9 @@ class ZhtrainTrainingArguments(TrainingArguments):
                 )
                 self.fsdp = None
             self.use_cpu = True
+            distributed.init_cpu_process_group(self.ddp_timeout)  # HF passes no --ddp_timeout to gloo
         super().__post_init__()
+        distributed.explain_deepspeed_mismatches(self)
 
 
 SHIPPED_CONFIGS = Path(__file__).parent / "configs"
@@ -178,46 +209,65 @@ def _read_json(path: str) -> dict:
         raise ZhtrainError(f"{path}: cannot read JSON ({err}); fix the file or pass another") from err
 
 
-def expand_config_file(argv: list[str]) -> list[str]:
-    """`cmd config.yaml --flag v` -> the config's keys as flags, then the CLI flags (which win)."""
-    if not argv or not argv[0].endswith((".yaml", ".yml", ".json")):
-        return argv
-    path = Path(argv[0])
-    if not path.is_file():
-        raise ZhtrainError(f"{path}: config file not found; check the path")
-    try:
-        if path.suffix == ".json":
-            config = json.loads(path.read_text(encoding="utf-8"))
-        else:
-            import yaml
+class ZhtrainArgumentParser(HfArgumentParser):
+    """HfArgumentParser whose errors are one line (ZhtrainError), not usage text + exit."""
 
-            config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except Exception as err:  # yaml and json raise different types; both are the user's file
-        raise ZhtrainError(f"{path}: not valid {path.suffix[1:].upper()} ({err}); fix the file") from err
-    if not isinstance(config, dict):
-        raise ZhtrainError(f"{path}: a config file must be a mapping of flag names to values")
-    flags: list[str] = []
-    for key, value in config.items():
-        if value is None:
-            continue
-        flags.append(f"--{key}")
-        if isinstance(value, (list, tuple)):
-            flags.extend(str(item) for item in value)
-        elif isinstance(value, dict):
-            flags.append(json.dumps(value))
-        else:
-            flags.append(str(value))
-    return flags + argv[1:]
+    def error(self, message):
+        raise ZhtrainError(f"{self.prog}: {message}; see `{self.prog} --help`")
 
 
 def parse_args(dataclass_types, argv: Optional[list[str]], prog: str):
-    """Parse argv into the dataclasses; unknown flags are an error (argparse's own message, exit 2)."""
-    parser = HfArgumentParser(dataclass_types, prog=prog)
-    argv = expand_config_file(list(argv or []))
+    """Parse `[config.yaml] [--flag value ...]` into the dataclasses.
+
+    Unknown flags are an error; `--print_config` prints the merged settings (every field of every
+    group, as YAML that can be used as a config file) and exits.
+    """
+    argv = list(argv or [])
+    print_config = "--print_config" in argv
+    argv = [arg for arg in argv if arg != "--print_config"]
+    parser = ZhtrainArgumentParser(dataclass_types, prog=prog, epilog=CONFIG_EPILOG)
+    argv = expand_config_file(argv, parser)
     try:
-        return parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as err:  # e.g. TrainingArguments' own consistency checks
-        raise ZhtrainError(f"{prog}: {err}") from err
+        parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except ValueError as err:  # unknown flags, or TrainingArguments' own consistency checks
+        text = str(err)
+        if "not used by the HfArgumentParser" in text:
+            text = unknown_flags_message(parser, text.split(":", 1)[1].strip(), prog)
+        raise ZhtrainError(f"{prog}: {text}") from err
+    if print_config:
+        print(config_yaml(parser, argv, dataclass_types, prog), end="", flush=True)
+        raise SystemExit(0)
+    return parsed
+
+
+def unknown_flags_message(parser, listed: str, prog: str) -> str:
+    """`unknown flag(s) --lora_rnak 8 (did you mean --lora_rank?); see ...` from HF's "[...] not used"."""
+    import ast
+    import difflib
+
+    try:
+        unused = [str(item) for item in ast.literal_eval(listed)]
+    except (ValueError, SyntaxError):
+        unused = [listed]
+    flags = [item for item in unused if item.startswith("-")]
+    close = difflib.get_close_matches(flags[0], [a for a in parser._option_string_actions if a.startswith("--")], n=1) if flags else []
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown flag(s) {' '.join(unused)}{hint}; see `{prog} --help`"
+
+
+def config_yaml(parser, argv: list[str], dataclass_types, prog: str) -> str:
+    """The merged settings (defaults < config file < flags) as YAML, one section per group."""
+    import dataclasses
+
+    import yaml
+
+    namespace, _ = parser.parse_known_args(args=argv)
+    parts = [f"# {prog}: merged settings (defaults < config file < flags); usable as a config file\n"]
+    for group in dataclass_types:
+        values = {f.name: yaml_value(getattr(namespace, f.name)) for f in dataclasses.fields(group) if f.init and hasattr(namespace, f.name)}
+        parts.append(f"# --- {group.__name__}\n")
+        parts.append(yaml.safe_dump(values, sort_keys=False, allow_unicode=True, default_flow_style=False))
+    return "".join(parts)
 
 
 def is_main_process() -> bool:

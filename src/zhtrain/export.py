@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from zhtrain import assets
+from zhtrain.config import CommandParser  # config file first, --print_config, one-line errors
 from zhtrain.errors import ZhtrainError, run_command
 
 LLAMA_CPP = assets.Sdist(
@@ -67,7 +68,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 def parse_gguf_args(argv: list[str]) -> GgufOptions:
-    p = argparse.ArgumentParser(prog="zhtrain export gguf", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="zhtrain export gguf", description=__doc__.split("\n\n")[0])
     p.add_argument("model_dir", help="A merged model folder in Hugging Face format (from zhtrain merge).")
     p.add_argument("--outfile", default=None, help="The GGUF file (default: MODEL_DIR/ggml-model-OUTTYPE.gguf).")
     p.add_argument("--outtype", choices=OUTTYPES, default="f16", help="Tensor type, as llama.cpp's converter (default: %(default)s).")

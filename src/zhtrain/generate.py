@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
+from zhtrain.config import CommandParser  # config file first, --print_config, one-line errors
 from zhtrain.errors import ZhtrainError, run_command
 
 # The seed's inference_hf.py defaults (its generation_config dict).
@@ -47,7 +48,7 @@ class GenerateOptions:
 
 
 def parse_generate_args(argv: Optional[list[str]] = None) -> GenerateOptions:
-    p = argparse.ArgumentParser(prog="zhtrain generate", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="zhtrain generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--base_model", required=True, help="Model folder in Hugging Face format (e.g. a merged model).")
     p.add_argument("--lora_model", default=None, help="Adapter folder(s), comma-separated, applied in order; none = the base alone.")
     p.add_argument("--tokenizer_path", default=None, help="Tokenizer folder (default: the last adapter's, else the base's).")
@@ -161,7 +162,12 @@ def load_model(opts: GenerateOptions, tokenizer_len: int, device: str):
     from zhtrain.vocab import resize_embeddings
     from zhtrain.weights import open_checkpoint
 
-    open_checkpoint(opts.base_model)  # a clear error for a wrong folder before transformers' own
+    checkpoint = open_checkpoint(opts.base_model)  # a clear error for a wrong folder before transformers' own
+    if opts.lora_model:  # the merge's shape checks (adapter for another base...): one line, before any weights load
+        from zhtrain.adapters import load_adapter
+        from zhtrain.merge import make_plan
+
+        make_plan(checkpoint, [load_adapter(folder) for folder in opts.lora_model])
     dtype = torch.float16 if device == "cuda" else torch.float32
     if opts.lora_model:
         model = model_with_adapters(opts.base_model, opts.lora_model, dtype=dtype)

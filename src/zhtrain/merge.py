@@ -33,6 +33,7 @@ import torch
 
 from zhtrain import meta_format
 from zhtrain.adapters import Adapter, load_adapter, tokenizer_files, touches_embeddings, wanted_vocab
+from zhtrain.config import CommandParser  # config file first, --print_config, one-line errors
 from zhtrain.errors import ZhtrainError, check_writable, run_command
 from zhtrain.train import replace_dir
 from zhtrain.vocab import describe_tokenizer
@@ -58,7 +59,7 @@ class MergeOptions:
 
 
 def parse_merge_args(argv: Optional[list[str]] = None) -> MergeOptions:
-    parser = argparse.ArgumentParser(prog="zhtrain merge", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="zhtrain merge", description=__doc__.split("\n\n")[0])
     parser.add_argument("--base_model", required=True, help="Base model folder in Hugging Face format.")
     parser.add_argument("--lora_model", required=True, help="Adapter folders, comma-separated, applied in this order.")
     parser.add_argument("--output_type", choices=["huggingface", "pth"], default="huggingface",

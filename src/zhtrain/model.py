@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from zhtrain.errors import ZhtrainError
+from zhtrain.distributed import full_numel
+from zhtrain.errors import ZhtrainError, refused_pickle
 from zhtrain.vocab import check_vocab_pair, model_vocab_size, resize_embeddings, untie_embeddings
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,25 @@ def load_tokenizer(path: Optional[str], use_fast: bool = True, trust_remote_code
     if len(tokenizer) < 10:
         raise ZhtrainError(f"tokenizer {folder}: loaded only {len(tokenizer)} tokens; the folder's files are incomplete")
     return tokenizer
+
+
+def load_base_tokenizer(model_args, tokenizer):
+    """The model folder's own tokenizer when the training tokenizer is a different, larger one (else None).
+
+    `--new_token_init subword_mean` splits each new token with it; without one, new rows use the mean.
+    """
+    model_dir, tokenizer_dir = model_args.model_name_or_path, model_args.tokenizer_name_or_path
+    if not model_dir or Path(model_dir).resolve() == Path(tokenizer_dir or model_dir).resolve():
+        return None
+    if not any((Path(model_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        logger.warning("the model folder %s has no tokenizer to split new tokens with; new embedding rows start at the mean", model_dir)
+        return None
+    try:
+        base = load_tokenizer(model_dir, model_args.use_fast_tokenizer, model_args.trust_remote_code)
+    except ZhtrainError as err:
+        logger.warning("no tokenizer in the model folder (%s); new embedding rows start at the mean", err)
+        return None
+    return base if len(base) < len(tokenizer) else None
 
 
 def sentencepiece_file(tokenizer_path: Optional[str]) -> Optional[Path]:
@@ -84,16 +105,21 @@ def load_base_model(model_args, config, on_gpu: bool):
         kwargs["dtype"] = dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+    except pickle.UnpicklingError as err:
+        raise unsafe_pickle_error(model_args.model_name_or_path, model_args.model_name_or_path, err) from None
     except (OSError, ValueError, ImportError) as err:
         raise ZhtrainError(f"{model_args.model_name_or_path}: cannot load the model ({err})") from err
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
     return model
 
 
-def fit_vocabulary(model, tokenizer, custom_vocab: bool, untie: bool, new_token_init: str = "mean") -> str:
-    """Check the seed's modes, grow the embeddings to the tokenizer, untie if both are trained."""
+def fit_vocabulary(model, tokenizer, custom_vocab: bool, untie: bool, new_token_init: str = "mean", base_tokenizer=None) -> str:
+    """Check the seed's modes, grow the embeddings to the tokenizer, untie if both are trained.
+
+    `base_tokenizer` (the model's own) lets `subword_mean` start new rows from the pieces that spell them.
+    """
     purpose = check_vocab_pair(model_vocab_size(model.config), len(tokenizer), custom_vocab)
-    resize_embeddings(model, len(tokenizer), init=new_token_init)
+    resize_embeddings(model, len(tokenizer), init=new_token_init, tokenizer=tokenizer, base_tokenizer=base_tokenizer)
     if untie and untie_embeddings(model):
         logger.info("embed_tokens and lm_head were tied; untied so both can be trained (tie_word_embeddings=false)")
     return purpose
@@ -111,6 +137,28 @@ def check_module_names(model, names: list[str], flag: str) -> None:
             )
 
 
+def check_lora_flags(config, lora_args, trust_remote_code: bool = False) -> None:
+    """--peft_path / --trainable / --modules_to_save checked before the data step, on a weightless
+    (meta-device) skeleton of the model: a typo costs seconds, not a tokenized corpus."""
+    from transformers import AutoModelForCausalLM
+
+    if lora_args.peft_path:
+        if not (Path(lora_args.peft_path) / "adapter_config.json").is_file():
+            raise ZhtrainError(f"--peft_path {lora_args.peft_path}: no adapter_config.json there; pass a LoRA adapter folder")
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    with torch.device("meta"):
+        if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+            # The class itself, not from_config: under ZeRO-3 from_config wraps deepspeed.zero.Init,
+            # which cannot partition meta tensors ("Cannot copy out of meta tensor").
+            skeleton = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
+        else:
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    check_module_names(skeleton, lora_args.target_modules, "--trainable")
+    check_module_names(skeleton, lora_args.modules_to_save_list, "--modules_to_save")
+
+
 def apply_lora(model, lora_args, gradient_checkpointing: bool):
     """Wrap the model with a new LoRA (or continue `--peft_path`); returns the PeftModel."""
     from peft import LoraConfig, PeftModel, TaskType, get_peft_model
@@ -119,7 +167,7 @@ def apply_lora(model, lora_args, gradient_checkpointing: bool):
         if not (Path(lora_args.peft_path) / "adapter_config.json").is_file():
             raise ZhtrainError(f"--peft_path {lora_args.peft_path}: no adapter_config.json there; pass a LoRA adapter folder")
         logger.info("continuing LoRA from %s (its rank/alpha/targets apply)", lora_args.peft_path)
-        model = PeftModel.from_pretrained(model, lora_args.peft_path, is_trainable=True)
+        model = load_peft_adapter(model, lora_args.peft_path, "--peft_path", is_trainable=True)
     else:
         check_module_names(model, lora_args.target_modules, "--trainable")
         check_module_names(model, lora_args.modules_to_save_list, "--modules_to_save")
@@ -139,6 +187,57 @@ def apply_lora(model, lora_args, gradient_checkpointing: bool):
     return model
 
 
+def train_embeddings_only(model, first_row: int = 0) -> None:
+    """Stage 1: freeze the LoRA matrices so only the trained copies of embed_tokens/lm_head learn.
+
+    The LoRA stays exactly zero (B starts at 0 and never moves): the adapter keeps the standard
+    layout, so it loads with PeftModel.from_pretrained, merges, and Stage 2 continues it (--peft_path).
+    With `first_row` > 0, a gradient hook zeroes the rows below it: only the new tokens learn.
+    """
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.requires_grad_(False)
+    if first_row <= 0:
+        return
+
+    def new_rows_only(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[:first_row] = 0
+        return grad
+
+    for param in model.parameters():
+        if param.requires_grad:  # the modules_to_save copies of embed_tokens and lm_head: [vocab, hidden]
+            param.register_hook(new_rows_only)
+
+
+def unsafe_pickle_error(where: str, folder, err) -> ZhtrainError:
+    bins = sorted(Path(folder).glob("*.bin")) if Path(folder).is_dir() else []
+    return refused_pickle(f"{where}: {bins[0].name if len(bins) == 1 else '.bin weights'}", err)
+
+
+def load_peft_adapter(model, path: str, flag: str, shown: Optional[str] = None, **kwargs):
+    """PeftModel.from_pretrained with one-line errors: unsafe pickle, or an adapter for another base.
+
+    `shown`: the folder to name in errors when `path` is a temporary copy of it."""
+    from peft import PeftModel
+
+    name = shown or path
+    try:
+        return PeftModel.from_pretrained(model, path, **kwargs)
+    except pickle.UnpicklingError as err:
+        raise unsafe_pickle_error(f"{flag} {name}", path, err) from None
+    except RuntimeError as err:
+        mismatch = re.search(r"size mismatch for (\S+): copying a param with shape (.+?) from checkpoint, "
+                             r"the shape in current model is (.+?)\.?$", str(err), re.M)
+        if mismatch is None:
+            raise
+        module, theirs, ours = (text.replace("torch.Size(", "").rstrip(")") for text in mismatch.groups())
+        raise ZhtrainError(
+            f"{flag} {name}: the adapter was trained on another base model ({module}: {theirs} in the adapter, "
+            f"{ours} in this model); pass the base model (and tokenizer) it was trained with"
+        ) from None
+
+
 def _embeddings_trainable(model) -> bool:
     return any(p.requires_grad for p in model.get_input_embeddings().parameters())
 
@@ -151,6 +250,6 @@ def cast_trainable_to_fp32(model) -> None:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)  # full_numel: ZeRO-3 shards
+    total = sum(full_numel(p) for p in model.parameters())
     return trainable, total

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -23,18 +24,31 @@ from transformers import set_seed
 
 from zhtrain.args import LoraArguments, ModelArguments, ZhtrainTrainingArguments, parse_args
 from zhtrain.data.text import load_text_blocks
+from zhtrain.distributed import data_first, explain_lost_peer, prepare_deepspeed
 from zhtrain.errors import ZhtrainError, run_command
 from zhtrain.model import (
     apply_lora,
+    check_lora_flags,
     cast_trainable_to_fp32,
     count_parameters,
     fit_vocabulary,
     load_base_model,
+    load_base_tokenizer,
     load_config,
     load_tokenizer,
     sentencepiece_file,
+    train_embeddings_only,
 )
-from zhtrain.train import SaveAdapterCallback, build_trainer, prepare_output_dir, set_cpu_threads, setup_logging
+from zhtrain.report import ThroughputCallback, build_report, summary_line, write_report
+from zhtrain.train import (
+    SaveAdapterCallback,
+    build_trainer,
+    check_writable,
+    explain_disk_full,
+    prepare_output_dir,
+    set_cpu_threads,
+    setup_logging,
+)
 from zhtrain.vocab import check_vocab_pair, model_vocab_size
 
 logger = logging.getLogger("zhtrain.pretrain")
@@ -48,7 +62,14 @@ class PretrainDataArguments:
         default=0.05, metadata={"help": "Fraction (not percent, as in the seed) of blocks held out for evaluation."}
     )
     block_size: Optional[int] = field(default=None, metadata={"help": "Tokens per training block (default: min(1024, model context))."})
-    preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for tokenizing (capped at the CPU count)."})
+    preprocessing_num_workers: Optional[int] = field(
+        default=None, metadata={"help": "Processes for tokenizing (capped at the CPU count; default: one per core)."}
+    )
+    fast_tokenization: bool = field(
+        default=True,
+        metadata={"help": "Tokenize with raw sentencepiece / the tokenizers backend when they give exactly the HF "
+                          "tokenizer's ids on a sample (checked each run); False: always the HF tokenizer."},
+    )
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many training blocks."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many evaluation blocks."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Re-tokenize even if a valid cache exists."})
@@ -62,7 +83,23 @@ class PretrainDataArguments:
     keep_linebreaks: bool = field(default=True, metadata={"help": "Unused (seed compatibility): one line = one document."})
 
 
-ARGUMENT_GROUPS = (ModelArguments, PretrainDataArguments, LoraArguments, ZhtrainTrainingArguments)
+@dataclass
+class PretrainLoraArguments(LoraArguments):
+    training_stage: str = field(
+        default="lora",
+        metadata={
+            "help": "lora: Stage 2, LoRA + the --modules_to_save (the seed's run). embeddings: Stage 1, only embed_tokens "
+            "and lm_head are trained, the transformer is frozen (pt_lora_model keeps the standard layout, its LoRA at zero).",
+            "choices": ["lora", "embeddings"],
+        },
+    )
+    train_new_rows_only: bool = field(
+        default=False,
+        metadata={"help": "Stage 1: only the rows the tokenizer added are trained; the model's own rows stay bit-identical."},
+    )
+
+
+ARGUMENT_GROUPS = (ModelArguments, PretrainDataArguments, PretrainLoraArguments, ZhtrainTrainingArguments)
 
 
 def parse_pretrain_args(argv=None):
@@ -77,7 +114,29 @@ def run_identity(model_args, data_args, lora_args, block_size: int) -> dict:
         "dataset_dir": str(Path(data_args.dataset_dir).resolve()),
         "block_size": block_size,
         "lora": [lora_args.trainable, lora_args.lora_rank, lora_args.lora_alpha, lora_args.modules_to_save, lora_args.peft_path],
+        **({"stage": [lora_args.training_stage, lora_args.train_new_rows_only]} if lora_args.training_stage != "lora" else {}),
     }
+
+
+def check_training_stage(lora_args, training_args, model_vocab: int, tokenizer_len: int) -> None:
+    """Stage 1 trains embed_tokens and lm_head only; --train_new_rows_only needs rows to train."""
+    if lora_args.training_stage == "lora":
+        if lora_args.train_new_rows_only:
+            raise ZhtrainError("--train_new_rows_only applies to Stage 1: add --training_stage embeddings")
+        return
+    if lora_args.modules_to_save_list and set(lora_args.modules_to_save_list) != {"embed_tokens", "lm_head"}:
+        logger.warning("--training_stage embeddings trains embed_tokens,lm_head; --modules_to_save %s ignored", lora_args.modules_to_save)
+    lora_args.modules_to_save = "embed_tokens,lm_head"
+    if lora_args.train_new_rows_only:
+        if tokenizer_len <= model_vocab:
+            raise ZhtrainError(
+                f"--train_new_rows_only: the tokenizer ({tokenizer_len} tokens) adds no rows to the model ({model_vocab}); "
+                "pass an extended tokenizer, or drop the flag to train all rows"
+            )
+        if training_args.weight_decay:
+            # AdamW's decoupled decay would shrink the frozen rows even with zero gradients.
+            logger.warning("--train_new_rows_only: --weight_decay %s set to 0 so the model's own rows stay unchanged", training_args.weight_decay)
+            training_args.weight_decay = 0.0
 
 
 def choose_block_size(requested: Optional[int], config) -> int:
@@ -101,10 +160,12 @@ class RunResult:
 
 def pretrain(model_args, data_args, lora_args, training_args) -> RunResult:
     """The Stage-2 recipe. Returns the final metrics and the trainer (its model is the trained PeftModel)."""
+    started = time.perf_counter()
     setup_logging(training_args)
     for note in training_args.compat_notes:
         logger.warning(note)
     threads = set_cpu_threads()
+    prepare_deepspeed(training_args)  # before any model is built: ZeRO-3 partitions weights as they are created
     set_seed(training_args.seed)
     on_gpu = torch.cuda.is_available()
     logger.info("world size %d, %d CPU threads per process, device %s", training_args.world_size, threads, training_args.device)
@@ -115,21 +176,27 @@ def pretrain(model_args, data_args, lora_args, training_args) -> RunResult:
     purpose = check_vocab_pair(model_vocab_size(config), len(tokenizer), model_args.custom_vocab)
     logger.info("vocabulary: model %d, tokenizer %d -> %s", model_vocab_size(config), len(tokenizer), purpose)
     block_size = choose_block_size(data_args.block_size, config)
+    check_training_stage(lora_args, training_args, model_vocab_size(config), len(tokenizer))
+    check_lora_flags(config, lora_args, model_args.trust_remote_code)
+    check_writable(data_args.data_cache_dir or ".", "--data_cache_dir")
+    if training_args.should_save and not data_args.preprocess_only:
+        check_writable(training_args.output_dir, "--output_dir")
 
     # 2. Data: tokenized once (main process first; the others then read the cache).
-    with training_args.main_process_first(desc="tokenizing the dataset"):
+    with data_first(training_args):
         train_data, eval_data, stats = load_text_blocks(
             data_args.dataset_dir,
             tokenizer,
             block_size,
             data_args.data_cache_dir,
             data_args.validation_split_percentage,
-            workers=data_args.preprocessing_num_workers or 1,
+            workers=data_args.preprocessing_num_workers,
             debug_mode=data_args.debug_mode,
             overwrite_cache=data_args.overwrite_cache,
             max_train_samples=data_args.max_train_samples,
             max_eval_samples=data_args.max_eval_samples,
             show_progress=training_args.should_log,
+            fast_tokenization=data_args.fast_tokenization,
         )
     logger.info(stats.summary())
     if data_args.preprocess_only:
@@ -142,21 +209,29 @@ def pretrain(model_args, data_args, lora_args, training_args) -> RunResult:
     # 3. Model: load, fit the vocabulary, attach LoRA.
     model = load_base_model(model_args, config, on_gpu)
     trains_lm_head = "lm_head" in lora_args.modules_to_save_list
-    fit_vocabulary(model, tokenizer, model_args.custom_vocab, untie=trains_lm_head)
+    old_rows = model_vocab_size(config)
+    # New rows that are neither trained nor saved must be what merge/generate rebuild: the mean.
+    init = model_args.new_token_init if {"embed_tokens", "lm_head"} <= set(lora_args.modules_to_save_list) else "mean"
+    base_tokenizer = load_base_tokenizer(model_args, tokenizer) if init == "subword_mean" and len(tokenizer) > old_rows else None
+    fit_vocabulary(model, tokenizer, model_args.custom_vocab, untie=trains_lm_head, new_token_init=init, base_tokenizer=base_tokenizer)
     if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     model = apply_lora(model, lora_args, training_args.gradient_checkpointing)
+    if lora_args.training_stage == "embeddings":
+        train_embeddings_only(model, first_row=old_rows if lora_args.train_new_rows_only else 0)
     if (training_args.fp16 or training_args.bf16) and not training_args.deepspeed:
         cast_trainable_to_fp32(model)
     trainable, total = count_parameters(model)
     logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
     # 4. Train and evaluate through the HF Trainer.
-    callbacks = [SaveAdapterCallback(tokenizer, sentencepiece_file(model_args.tokenizer_name_or_path), "pt_lora_model")]
+    throughput = ThroughputCallback()
+    callbacks = [SaveAdapterCallback(tokenizer, sentencepiece_file(model_args.tokenizer_name_or_path), "pt_lora_model"), throughput]
     trainer = build_trainer(model, training_args, train_data if training_args.do_train else None, eval_data, tokenizer, callbacks)
     metrics: dict = {"trainable_parameters": trainable, "resumed_from": resume_from}
     if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        with explain_lost_peer(training_args), explain_disk_full(training_args.output_dir):
+            result = trainer.train(resume_from_checkpoint=resume_from)
         # A misconfigured distributed run trains one copy per rank silently: say what actually ran.
         logger.info("trained with engine %s, world size %d", type(trainer.model_wrapped).__name__, training_args.world_size)
         train_metrics = dict(result.metrics, train_samples=len(train_data))
@@ -172,8 +247,17 @@ def pretrain(model_args, data_args, lora_args, training_args) -> RunResult:
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
-    if training_args.do_train and training_args.should_save:
-        print(f"zhtrain pretrain: done; adapter in {Path(training_args.output_dir) / 'pt_lora_model'}", flush=True)
+    # 5. Report: report.json / report.md / loss.png, and one summary line.
+    if training_args.should_save:
+        tokens_per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size * block_size
+        report = build_report(
+            "pretrain", trainer, stats,
+            vocabulary={"model": model_vocab_size(config), "tokenizer": len(tokenizer), "mode": purpose},
+            parameters=(trainable, total), throughput=throughput, tokens_per_step=tokens_per_step,
+            extra={"resumed_from": resume_from, "adapter": str(Path(training_args.output_dir) / "pt_lora_model") if training_args.do_train else None},
+        )
+        report_path = write_report(training_args.output_dir, report, trainer.state.log_history)
+        print(f"zhtrain pretrain: done in {time.perf_counter() - started:.0f}s; {summary_line(report)}; report in {report_path}", flush=True)
     return RunResult(metrics, trainer)
 
 

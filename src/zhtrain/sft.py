@@ -45,7 +45,8 @@ from zhtrain.data.supervised import (
 from zhtrain.data.templates import get_template, save_template
 from zhtrain.errors import ZhtrainError, run_command
 from zhtrain.model import apply_lora, cast_trainable_to_fp32, count_parameters, load_base_model, load_config, load_tokenizer, sentencepiece_file
-from zhtrain.train import SaveAdapterCallback, build_trainer, prepare_output_dir, set_cpu_threads, setup_logging
+from zhtrain.report import ThroughputCallback, build_report, summary_line, write_report
+from zhtrain.train import SaveAdapterCallback, build_trainer, explain_disk_full, prepare_output_dir, set_cpu_threads, setup_logging
 from zhtrain.vocab import SEED_VOCAB_SIZES, model_vocab_size, resize_embeddings, untie_embeddings
 
 logger = logging.getLogger("zhtrain.sft")
@@ -107,6 +108,7 @@ class RunResult:
 
 def sft(model_args, data_args, lora_args, training_args) -> RunResult:
     """The SFT recipe. Returns the metrics and the trainer (None with --preprocess_only)."""
+    run_started = time.perf_counter()
     setup_logging(training_args)
     for note in training_args.compat_notes:
         logger.warning(note)
@@ -189,6 +191,10 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
     callbacks = [SaveTemplateCallback(template.name, data_args.system_prompt, lora_args.use_lora)]
     if lora_args.use_lora:
         callbacks.insert(0, SaveAdapterCallback(tokenizer, sp_model, "sft_lora_model"))
+    throughput = ThroughputCallback()  # the report's tokens/s, from the Trainer's count of non-padding tokens
+    callbacks.append(throughput)
+    if training_args.include_num_input_tokens_seen == "no":
+        training_args.include_num_input_tokens_seen = "non_padding"
     collator = PadToLongest(tokenizer.pad_token_id)
     # FastChat's train.py always trains and passes no --do_train: train unless only --do_eval was asked.
     do_train = training_args.do_train or not training_args.do_eval
@@ -196,7 +202,8 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
     metrics: dict = {"trainable_parameters": trainable, "resumed_from": resume_from, "template": template.name}
     metrics.update({f"{name}_{key}": value for name, s in summaries.items() for key, value in vars(s).items() if key != "reasons"})
     if do_train:
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        with explain_disk_full(training_args.output_dir):
+            result = trainer.train(resume_from_checkpoint=resume_from)
         logger.info("trained with engine %s, world size %d", type(trainer.model_wrapped).__name__, training_args.world_size)
         train_metrics = dict(result.metrics, train_samples=len(train_data))
         trainer.log_metrics("train", train_metrics)
@@ -214,9 +221,17 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
-    if do_train and training_args.should_save:
+    if training_args.should_save:  # report.md / report.json / loss.png and the summary line
         where = Path(training_args.output_dir) / ("sft_lora_model" if lora_args.use_lora else "")
-        print(f"zhtrain sft: done; {'adapter' if lora_args.use_lora else 'model'} in {where} (template {template.name})", flush=True)
+        report = build_report(
+            "sft", trainer, {name: {k: v for k, v in vars(s).items() if k != "reasons"} for name, s in summaries.items()},
+            vocabulary={"model": model_vocab_size(config), "tokenizer": len(tokenizer), "template": template.name},
+            parameters=(trainable, total), throughput=throughput,
+            extra={"resumed_from": resume_from, ("adapter" if lora_args.use_lora else "model"): str(where) if do_train else None},
+        )
+        report_path = write_report(training_args.output_dir, report, trainer.state.log_history)
+        print(f"zhtrain sft: done in {time.perf_counter() - run_started:.0f}s; {summary_line(report)} (template {template.name}); "
+              f"report in {report_path}", flush=True)
     return RunResult(metrics, trainer)
 
 

@@ -6,20 +6,34 @@ pieces they share.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
 import shutil
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, default_data_collator
-from transformers.trainer_utils import get_last_checkpoint
 
-from zhtrain.errors import ZhtrainError
+from zhtrain.callbacks import (
+    CheckpointGuard,
+    NonFiniteLossGuard,
+    clean_interrupted_writes,
+    discard,
+    is_complete,
+    last_complete_checkpoint,
+    list_checkpoints,
+    with_loss_check,
+)
+from zhtrain.distributed import gather_trainable_state, unwrap
+from zhtrain.errors import ZhtrainError, check_writable  # noqa: F401  (check_writable: re-exported for the stages)
+from zhtrain.loss import ChunkedLossTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -34,34 +48,74 @@ def prepare_output_dir(training_args, identity: dict) -> Optional[str]:
     """Decide where training starts: a checkpoint to resume from, or None for a fresh run.
 
     Checkpoints of the same run (same model, tokenizer, data, LoRA shape) are resumed
-    automatically; checkpoints of a different run are an error unless --overwrite_output_dir.
+    automatically, from the newest *complete* one (see callbacks.CheckpointGuard); what a killed
+    run left half-written is removed. Checkpoints of a different run, or not written by zhtrain,
+    are an error unless --overwrite_output_dir.
     """
     out = Path(training_args.output_dir)
+    check_writable(out, "--output_dir")
     requested = training_args.resume_from_checkpoint
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
-    resume: Optional[str] = None
-    if requested and requested.lower() not in ("true", "false"):
-        if not Path(requested).is_dir():
-            raise ZhtrainError(f"--resume_from_checkpoint {requested}: no such folder; pass a checkpoint-N folder")
-        resume = requested
-    elif last and not training_args.overwrite_output_dir:
-        recorded = _read_run_file(out / RUN_FILE)
-        if recorded is not None and recorded != identity:
+    explicit = bool(requested) and requested.lower() not in ("true", "false")
+    recorded = _read_run_file(out / RUN_FILE)
+    has_checkpoints = bool(list_checkpoints(out))
+    if explicit:
+        if not (Path(requested) / "trainer_state.json").is_file():
+            raise ZhtrainError(f"--resume_from_checkpoint {requested}: not a checkpoint (no trainer_state.json); pass a checkpoint-N folder")
+        if not is_complete(Path(requested)):
+            logger.warning("%s has no zhtrain completeness manifest (written by another tool?); resuming anyway", requested)
+    elif has_checkpoints and not training_args.overwrite_output_dir:
+        if recorded is None:
+            raise ZhtrainError(
+                f"--output_dir {out} holds checkpoint folders not written by zhtrain; pass --resume_from_checkpoint "
+                "<one of them> to continue from it, --overwrite_output_dir to start afresh, or choose another --output_dir"
+            )
+        if recorded != identity:
             changed = sorted(k for k in set(recorded) | set(identity) if recorded.get(k) != identity.get(k))
             raise ZhtrainError(
                 f"--output_dir {out} holds checkpoints of a different run (differs in: {', '.join(changed)}); "
                 "pass --overwrite_output_dir to start afresh there, or choose another --output_dir"
             )
-        resume = last
     if training_args.should_save:
         out.mkdir(parents=True, exist_ok=True)
-        if training_args.overwrite_output_dir and not resume:
-            for old in out.glob("checkpoint-*"):
-                shutil.rmtree(old, ignore_errors=True)
+        if training_args.overwrite_output_dir and not explicit:
+            for _, old, _ in list_checkpoints(out):
+                discard(old)
+        elif recorded == identity:
+            # A killed run leaves checkpoints without their manifest and temp folders: never resume from those.
+            for name in clean_interrupted_writes(out):
+                logger.warning("removed %s: left incomplete by an interrupted run", out / name)
         write_json_atomic(out / RUN_FILE, identity)
+    training_args_barrier(training_args)
+    resume: Optional[str] = requested if explicit else None
+    if not explicit and not training_args.overwrite_output_dir:
+        last = last_complete_checkpoint(out)
+        resume = str(last) if last else None
     if resume:
         logger.info("resuming from %s", resume)
     return resume
+
+
+@contextmanager
+def explain_disk_full(output_dir):
+    """A full disk while saving: one line naming the folder and where a rerun resumes from."""
+    try:
+        yield
+    except Exception as err:  # torch.save, safetensors and tokenizers each report ENOSPC in their own type
+        text = str(err)
+        if getattr(err, "errno", None) != errno.ENOSPC and not any(s in text for s in ("No space left", "StorageFull", "file write failed")):
+            raise
+        last = last_complete_checkpoint(Path(output_dir))
+        raise ZhtrainError(
+            f"--output_dir {output_dir}: the disk is full (writing failed: {text.splitlines()[0][:120]}); free space and run "
+            f"again: zhtrain resumes from {last or 'the start'} and ignores the unfinished checkpoint"
+        ) from None
+
+
+def training_args_barrier(training_args) -> None:
+    """Other ranks wait until the main process has cleaned the output folder."""
+    if training_args.world_size > 1:
+        with training_args.main_process_first(desc="preparing --output_dir"):
+            pass
 
 
 def _read_run_file(path: Path) -> Optional[dict]:
@@ -90,15 +144,19 @@ def replace_dir(tmp: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_adapter(model, tokenizer, sentencepiece_model: Optional[Path], dest: Path) -> Path:
-    """Write a self-contained adapter folder: LoRA + full modules_to_save weights (once), config, tokenizer."""
+def save_adapter(model, tokenizer, sentencepiece_model: Optional[Path], dest: Path, state_dict: Optional[dict] = None) -> Path:
+    """Write a self-contained adapter folder: LoRA + full modules_to_save weights (once), config, tokenizer.
+
+    `state_dict`: the gathered trainable weights when the model is sharded (ZeRO-3, FSDP); there
+    the model's own tensors are empty shards (the seed's 0-size adapters under ZeRO-3).
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     # save_embedding_layers=False: embed_tokens/lm_head are already saved in full as modules_to_save;
     # PEFT's "auto" would add two more copies after a resize (gigabytes for a 7B model).
-    model.save_pretrained(str(tmp), save_embedding_layers=False, safe_serialization=True)
+    unwrap(model).save_pretrained(str(tmp), state_dict=state_dict, save_embedding_layers=False, safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     if sentencepiece_model is not None:
         shutil.copyfile(sentencepiece_model, tmp / "tokenizer.model")  # transformers 5 no longer writes it
@@ -115,13 +173,15 @@ class SaveAdapterCallback(TrainerCallback):
         self.folder = folder
 
     def on_save(self, args, state, control, model=None, **kwargs):
+        gathered = gather_trainable_state(model)  # every rank: a collective under ZeRO-3 / FSDP
         if state.is_world_process_zero:
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            save_adapter(model, self.tokenizer, self.sentencepiece_model, checkpoint / self.folder)
+            save_adapter(model, self.tokenizer, self.sentencepiece_model, checkpoint / self.folder, gathered)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        gathered = gather_trainable_state(model)
         if state.is_world_process_zero:
-            path = save_adapter(model, self.tokenizer, self.sentencepiece_model, Path(args.output_dir) / self.folder)
+            path = save_adapter(model, self.tokenizer, self.sentencepiece_model, Path(args.output_dir) / self.folder, gathered)
             logger.info("adapter written to %s", path)
 
 
@@ -151,8 +211,16 @@ def token_metrics(eval_prediction) -> dict:
 
 
 def build_trainer(model, training_args, train_dataset, eval_dataset, tokenizer, callbacks, data_collator=None) -> Trainer:
+    """The HF Trainer with the stage's callbacks, then zhtrain's guards (checkpoint guard LAST, so
+    a checkpoint is marked complete only after every callback wrote its files into it)."""
     with_eval = eval_dataset is not None
-    return Trainer(
+    # The Trainer would rotate before the callbacks finish the new checkpoint; the guard rotates after.
+    guard = CheckpointGuard(training_args.save_total_limit)
+    training_args.save_total_limit = None
+    loss_guard = NonFiniteLossGuard()
+    callbacks = [loss_guard, *callbacks, guard]
+    trainer_class = ChunkedLossTrainer if getattr(training_args, "chunked_loss", False) else Trainer
+    trainer = with_loss_check(trainer_class)(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -163,6 +231,8 @@ def build_trainer(model, training_args, train_dataset, eval_dataset, tokenizer, 
         preprocess_logits_for_metrics=logits_to_predictions if with_eval else None,
         callbacks=callbacks,
     )
+    trainer.loss_guard = loss_guard
+    return trainer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +256,10 @@ def setup_logging(training_args) -> None:
     import transformers
 
     level = logging.INFO if training_args.should_log else logging.WARNING
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level, force=True)
+    # The log goes to stdout, as in the seed's scripts (HF examples): stderr keeps progress bars,
+    # and a run that fails on bad input prints its one-line error there alone.
+    handler = logging.StreamHandler(sys.stdout)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level, force=True, handlers=[handler])
     logging.getLogger("zhtrain").setLevel(level)
     # transformers' INFO dumps every config; its warnings and the Trainer's progress still show.
     transformers.utils.logging.set_verbosity(logging.WARNING)

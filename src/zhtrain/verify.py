@@ -32,8 +32,9 @@ def model_with_adapters(base_dir: str | Path, adapter_dirs: Sequence[str | Path]
                         attn: str = "sdpa", merge_last: bool = False):
     """Base + adapters applied through PEFT in order (see the module docstring); `merge_last` folds the last one
     in too (PEFT's merge_and_unload, the seed merge script's own path) instead of running it as a LoRA layer."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    from zhtrain.model import load_peft_adapter
 
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype, attn_implementation=attn)
     for position, folder in enumerate(adapter_dirs):
@@ -43,7 +44,7 @@ def model_with_adapters(base_dir: str | Path, adapter_dirs: Sequence[str | Path]
         if touches_embeddings(adapter):
             untie_embeddings(model)  # as training did: embed_tokens and lm_head each get their own weights
         with _peft_loadable(adapter) as loadable:
-            model = PeftModel.from_pretrained(model, str(loadable))
+            model = load_peft_adapter(model, str(loadable), "--lora_model", shown=str(folder))  # one-line errors
         if position < len(adapter_dirs) - 1 or merge_last:
             model = model.merge_and_unload()
     model.eval()

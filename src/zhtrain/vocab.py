@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from zhtrain.distributed import full_shape, gathered
 from zhtrain.errors import ZhtrainError
 
 logger = logging.getLogger(__name__)
@@ -52,24 +53,86 @@ def check_vocab_pair(model_vocab: int, tokenizer_len: int, custom_vocab: bool = 
     return f"custom vocabulary of {model_vocab} tokens, unchanged"
 
 
-def resize_embeddings(model, new_size: int, init: str = "mean") -> int:
+# How new embedding rows start (`--new_token_init`); the flag's choices come from this table.
+NEW_TOKEN_INITS: dict[str, str] = {
+    "subword_mean": "each new row (input and output) = the mean of the rows of the pieces the base tokenizer "
+    "splits the new token into (byte pieces included); the mean of all rows when it has none",
+    "mean": "every new row = the mean of all existing rows",
+    "random": "the model's own random initialisation (what the seed's resize did)",
+}
+
+
+def resize_embeddings(model, new_size: int, init: str = "mean", tokenizer=None, base_tokenizer=None) -> int:
     """Grow input and output embeddings to `new_size`; returns how many rows were added.
 
-    New rows start at the mean of the existing rows (a token the model has never seen should
-    look like an average token, not random noise that inflates the first losses).
+    A token the model has never seen should start where the model already reads and writes its
+    text, not as noise that inflates the first losses: `subword_mean` (needs the new `tokenizer`
+    and the model's own `base_tokenizer`) starts "黄河" at the mean of the rows of the base pieces
+    that spell it; `mean` starts every new token as an average token.
     """
-    old_size = model.get_input_embeddings().weight.shape[0]
+    if init not in NEW_TOKEN_INITS:
+        raise ZhtrainError(f"--new_token_init {init}: unknown; choose one of {', '.join(NEW_TOKEN_INITS)}")
+    old_size = full_shape(model.get_input_embeddings().weight)[0]  # ZeRO-3: the local weight has 0 rows
     if new_size <= old_size:
         return 0
+    pieces = None
+    if init == "subword_mean":
+        if tokenizer is None or base_tokenizer is None:
+            logger.warning("--new_token_init subword_mean needs the model's own tokenizer; none found, so new rows use mean")
+            init = "mean"
+        else:
+            pieces = subword_pieces(tokenizer, base_tokenizer, old_size, new_size)
     model.resize_token_embeddings(new_size, mean_resizing=False)
-    if init == "mean":
-        with torch.no_grad():
+    if init != "random":
+        # gathered: under ZeRO-3 the rows are written on the whole matrices (rank 0's values are kept).
+        with torch.no_grad(), gathered(_embedding_matrices(model)):
             for embedding in _embedding_matrices(model):
-                embedding[old_size:] = embedding[:old_size].float().mean(dim=0).to(embedding.dtype)
-    elif init != "random":
-        raise ZhtrainError(f"--new_token_init {init}: unknown; choose mean or random")
-    logger.info("resized embeddings %d -> %d (new rows: %s init)", old_size, new_size, init)
+                init_new_rows(embedding, old_size, pieces)
+    found = f", {sum(1 for p in pieces if p):,} of {len(pieces):,} from base pieces" if pieces is not None else ""
+    logger.info("resized embeddings %d -> %d (new rows: %s init%s)", old_size, new_size, init, found)
     return new_size - old_size
+
+
+def init_new_rows(embedding: torch.Tensor, old_size: int, pieces: Optional[list[list[int]]] = None) -> None:
+    """Rows from `old_size` on: the mean of the listed old rows each, or of all old rows."""
+    old = embedding[:old_size].float()
+    new = old.mean(dim=0).expand(embedding.shape[0] - old_size, -1).clone()
+    spelled = [k for k, ids in enumerate(pieces or []) if ids]
+    if spelled:
+        flat = torch.tensor([i for k in spelled for i in pieces[k]], device=old.device)
+        offsets = torch.tensor([0] + [len(pieces[k]) for k in spelled[:-1]], device=old.device).cumsum(0)
+        new[torch.tensor(spelled, device=old.device)] = torch.nn.functional.embedding_bag(flat, old, offsets, mode="mean")
+    embedding[old_size:] = new.to(embedding.dtype)
+
+
+def subword_pieces(tokenizer, base_tokenizer, old_size: int, new_size: int) -> list[list[int]]:
+    """For each new id: the base ids that spell it (empty for special tokens and unknowns).
+
+    A vocabulary token is split by the base's own BPE model on the token's string in the shared
+    alphabet (`▁黄河` for SentencePiece, byte-level symbols for GPT-2-style BPE), so no normaliser
+    or prefix space can shift it; an added token is encoded from its text.
+    """
+    added = tokenizer.added_tokens_decoder
+    split = _base_splitter(base_tokenizer)
+    unknown = base_tokenizer.unk_token_id
+    out = []
+    for index in range(old_size, new_size):
+        token = added.get(index)
+        if token is not None:
+            ids = [] if token.special else base_tokenizer.encode(token.content, add_special_tokens=False)
+        else:
+            piece = tokenizer.convert_ids_to_tokens(index)
+            ids = split(piece) if piece is not None else []
+        out.append([i for i in ids if i != unknown and 0 <= i < old_size])
+    return out
+
+
+def _base_splitter(base_tokenizer):
+    backend = getattr(base_tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        model = backend.model
+        return lambda piece: [part.id for part in model.tokenize(piece)]
+    return lambda piece: base_tokenizer.encode(base_tokenizer.convert_tokens_to_string([piece]), add_special_tokens=False)
 
 
 def _embedding_matrices(model) -> list[torch.Tensor]:
@@ -90,7 +153,8 @@ def untie_embeddings(model) -> bool:
     text_config = getattr(model.config, "get_text_config", lambda: None)()
     if text_config is not None:
         text_config.tie_word_embeddings = False
-    output.weight = torch.nn.Parameter(inputs.weight.detach().clone())
+    with gathered([inputs.weight], modifier_rank=None):  # ZeRO-3: copy the whole matrix, not a shard
+        output.weight = torch.nn.Parameter(inputs.weight.detach().clone())
     return True
 
 

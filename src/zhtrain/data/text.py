@@ -19,22 +19,21 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from zhtrain.data.encoders import DocumentEncoder, Encoder, choose_encoder, cpu_count, hf_encoder  # noqa: F401
 from zhtrain.errors import ZhtrainError
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+DEFAULT_WORKERS: Optional[int] = None  # processes when --preprocessing_num_workers is not given (None: one per core)
 BATCH_BYTES = 1 << 20  # tokenize ~1 MB of text at a time: memory stays flat, batches stay efficient
 SPLIT_SEED = 1234  # fixed so that --seed $RANDOM (as in run_pt.sh) never moves blocks between splits
-
-Encoder = Callable[[list[str]], list[list[int]]]
-
 
 @dataclass
 class CachedFile:
@@ -85,37 +84,73 @@ def find_text_files(dataset_dir: Optional[str], debug_mode: bool = False) -> lis
     return files[:1] if debug_mode else files
 
 
-def iter_line_batches(path: Path, batch_bytes: Optional[int] = None) -> Iterator[list[str]]:
-    """Yield batches of non-blank lines, decoding strictly so a bad byte is reported, not garbled."""
+@dataclass
+class TextBlock:
+    """About `batch_bytes` of a file, cut at a line end; decoded where it is tokenized (maybe a worker)."""
+
+    path: Path
+    data: bytes
+    offset: int  # bytes of the file before `data`
+    line_no: int  # line number of its first line
+
+    def lines(self) -> list[str]:
+        """Its non-blank lines, without line ends; a bad byte is reported (file, byte, line), not garbled."""
+        text = _decode_block(self.path, self.data, self.offset, self.line_no)
+        lines = text.split("\n")
+        if "\r" in text:
+            lines = [line.rstrip("\r") for line in lines]
+        return [line for line in lines if line and not line.isspace()]
+
+
+def iter_blocks(path: Path, batch_bytes: Optional[int] = None) -> Iterator[TextBlock]:
+    """Read a file as blocks cut at line ends: never the whole file in memory."""
     batch_bytes = batch_bytes or BATCH_BYTES
-    batch: list[str] = []
-    size = 0
-    offset = 0
+    offset, line_no, rest = 0, 1, b""
     with open(path, "rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            if b"\x00" in raw:
-                raise ZhtrainError(
-                    f"{path}: NUL byte at byte {offset + raw.index(0)} (line {line_no}): this looks like a "
-                    "binary file, not text; remove it from --dataset_dir"
-                )
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ZhtrainError(
-                    f"{path}: not valid UTF-8 at byte {offset + err.start} (line {line_no}); convert the file "
-                    "(e.g. iconv -f GB18030 -t UTF-8) or move it out of --dataset_dir"
-                ) from None
-            offset += len(raw)
-            text = text.rstrip("\r\n")
-            if not text.strip():
+        while True:
+            data = handle.read(batch_bytes)
+            block = rest + data
+            cut = len(block) if not data else block.rfind(b"\n") + 1
+            if data and cut == 0:  # a line longer than one read: keep reading until it ends
+                rest = block
                 continue
-            batch.append(text)
-            size += len(raw)
-            if size >= batch_bytes:
-                yield batch
-                batch, size = [], 0
-    if batch:
-        yield batch
+            block, rest = block[:cut], block[cut:]
+            if block:
+                yield TextBlock(path, block, offset, line_no)
+                offset += len(block)
+                line_no += block.count(b"\n")
+            if not data:
+                return
+
+
+def iter_line_batches(path: Path, batch_bytes: Optional[int] = None) -> Iterator[list[str]]:
+    """Yield batches of non-blank lines (one per block), decoding strictly."""
+    for block in iter_blocks(path, batch_bytes):
+        lines = block.lines()
+        if lines:
+            yield lines
+
+
+def _decode_block(path: Path, block: bytes, offset: int, line_no: int) -> str:
+    nul = block.find(b"\x00")
+    try:
+        text = block.decode("utf-8")
+        bad = -1
+    except UnicodeDecodeError as err:
+        text, bad = "", err.start
+    if nul >= 0 and (bad < 0 or block.count(b"\n", 0, nul) <= block.count(b"\n", 0, bad)):
+        where = line_no + block.count(b"\n", 0, nul)
+        raise ZhtrainError(
+            f"{path}: NUL byte at byte {offset + nul} (line {where}): this looks like a binary file, not text; "
+            "remove it from --dataset_dir"
+        )
+    if bad >= 0:
+        where = line_no + block.count(b"\n", 0, bad)
+        raise ZhtrainError(
+            f"{path}: not valid UTF-8 at byte {offset + bad} (line {where}); convert the file "
+            "(e.g. iconv -f GB18030 -t UTF-8) or move it out of --dataset_dir"
+        )
+    return text
 
 
 def file_digest(path: Path) -> str:
@@ -142,31 +177,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return digest.hexdigest()
 
 
-def hf_encoder(tokenizer) -> Encoder:
-    """Batch-encode without special tokens (BOS/EOS are added explicitly per document)."""
-
-    def encode(lines: list[str]) -> list[list[int]]:
-        return tokenizer(lines, add_special_tokens=False)["input_ids"]
-
-    return encode
-
-
-class DocumentEncoder:
-    """lines -> one flat array `[BOS] a.. [EOS] [BOS] b.. [EOS]`; picklable for worker processes."""
-
-    def __init__(self, encode: Encoder, bos_id: Optional[int], eos_id: Optional[int], dtype: np.dtype):
-        self.encode = encode
-        self.bos = [bos_id] if bos_id is not None else []
-        self.eos = [eos_id] if eos_id is not None else []
-        self.dtype = dtype
-
-    def __call__(self, lines: list[str]) -> np.ndarray:
-        flat: list[int] = []
-        for ids in self.encode(lines):
-            flat.extend(self.bos)
-            flat.extend(ids)
-            flat.extend(self.eos)
-        return np.asarray(flat, dtype=self.dtype)
+def encode_block(encoder: DocumentEncoder, block: TextBlock) -> tuple[np.ndarray, int]:
+    """Decode, split and tokenize one block: (flat tokens, number of documents)."""
+    lines = block.lines()
+    return (encoder(lines) if lines else np.empty(0, dtype=encoder.dtype)), len(lines)
 
 
 _WORKER_ENCODER: Optional[DocumentEncoder] = None
@@ -175,12 +189,14 @@ _WORKER_ENCODER: Optional[DocumentEncoder] = None
 def _worker_init(encoder: DocumentEncoder) -> None:
     global _WORKER_ENCODER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process = one core; no nested thread pools
+    if hasattr(encoder.encode, "threads"):
+        encoder.encode.threads = 1
     _WORKER_ENCODER = encoder
 
 
-def _worker_encode(lines: list[str]) -> np.ndarray:
+def _worker_encode(block: TextBlock) -> tuple[np.ndarray, int]:
     assert _WORKER_ENCODER is not None
-    return _WORKER_ENCODER(lines)
+    return encode_block(_WORKER_ENCODER, block)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -188,23 +204,28 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def encode_file_to(path: Path, out_path: Path, encoder: DocumentEncoder, workers: int, progress) -> tuple[int, int]:
-    """Stream one file through the encoder into `out_path` (written to a temp name, then renamed)."""
+    """Stream one file through the encoder into `out_path` (written to a temp name, then renamed).
+
+    With workers, the main process only reads raw blocks and writes arrays: decoding, splitting,
+    tokenizing and flattening all run in the workers. `imap` keeps the order, and its task pipe
+    blocks when full, so memory stays a few blocks per worker whatever the file size.
+    """
     tmp_path = out_path.with_name(f"{out_path.name}.tmp-{os.getpid()}")
     n_tokens = n_lines = 0
     pool = None
     try:
-        batches = iter_line_batches(path)
+        blocks = iter_blocks(path)
         if workers > 1 and path.stat().st_size > 2 * BATCH_BYTES:
             pool = multiprocessing.get_context("fork").Pool(workers, initializer=_worker_init, initargs=(encoder,))
-            arrays = pool.imap(_worker_encode, _count_lines(batches, progress), chunksize=1)
+            results = pool.imap(_worker_encode, blocks, chunksize=1)
         else:
-            arrays = map(encoder, _count_lines(batches, progress))
+            results = (encode_block(encoder, block) for block in blocks)
         with open(tmp_path, "wb") as out:
-            for array in arrays:
-                out.write(array.tobytes())
+            for array, lines in results:
+                out.write(memoryview(array))  # no copy
                 n_tokens += int(array.size)
+                n_lines += lines
                 progress.update_tokens(int(array.size))
-        n_lines = progress.file_lines
         os.replace(tmp_path, out_path)
     finally:
         if pool is not None:
@@ -214,19 +235,14 @@ def encode_file_to(path: Path, out_path: Path, encoder: DocumentEncoder, workers
     return n_tokens, n_lines
 
 
-def _count_lines(batches: Iterator[list[str]], progress) -> Iterator[list[str]]:
-    for batch in batches:
-        progress.file_lines += len(batch)
-        yield batch
-
-
 class _Progress:
     """tqdm over files, with the running token count shown beside it."""
 
     def __init__(self, total_files: int, enabled: bool):
-        self.bar = tqdm(total=total_files, desc="tokenizing", unit="file", disable=not enabled)
+        # delay: shown once tokenizing takes over a second (a cached or tiny corpus, or an early bad
+        # file, prints no bar before its one-line summary or error).
+        self.bar = tqdm(total=total_files, desc="tokenizing", unit="file", disable=not enabled, delay=1.0)
         self.tokens = 0
-        self.file_lines = 0
 
     def update_tokens(self, n: int) -> None:
         self.tokens += n
@@ -234,7 +250,6 @@ class _Progress:
 
     def next_file(self) -> None:
         self.bar.update(1)
-        self.file_lines = 0
 
     def close(self) -> None:
         self.bar.close()
@@ -244,17 +259,23 @@ def build_token_cache(
     files: Sequence[Path],
     tokenizer,
     cache_dir: Path,
-    workers: int = 1,
+    workers: Optional[int] = None,
     encoder: Optional[Encoder] = None,
     overwrite: bool = False,
     show_progress: bool = True,
+    fast_tokenization: bool = True,
 ) -> tuple[list[CachedFile], TextDataStats]:
-    """Tokenize each file once; a finished file's cache survives a crash in a later file."""
+    """Tokenize each file once; a finished file's cache survives a crash in a later file.
+
+    `encoder` (lines -> ids, no special tokens) defaults to the fastest path verified to give the HF
+    tokenizer's ids (see data/encoders.py), or the HF tokenizer itself with `fast_tokenization=False`.
+    `workers` > 1 tokenizes in that many processes; otherwise one process uses the tokenizer's threads.
+    """
     cache_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = tokenizer_fingerprint(tokenizer)
     dtype = token_dtype(len(tokenizer))
-    doc_encoder = DocumentEncoder(encoder or hf_encoder(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, dtype)
-    workers = max(1, min(workers or 1, os.cpu_count() or 1))
+    workers = max(1, min(workers or DEFAULT_WORKERS or cpu_count(), cpu_count()))
+    doc_encoder: Optional[DocumentEncoder] = None  # chosen at the first file that needs tokenizing
     stats = TextDataStats()
     cached: list[CachedFile] = []
     progress = _Progress(len(files), show_progress)
@@ -276,6 +297,13 @@ def build_token_cache(
                 entry = CachedFile(path, tokens_path, meta["n_tokens"], meta["n_lines"], meta["dtype"], True)
                 progress.update_tokens(entry.n_tokens)
             else:
+                if doc_encoder is None:
+                    encode = encoder or (
+                        choose_encoder(tokenizer, _sample_lines(path), threads=cpu_count())
+                        if fast_tokenization
+                        else hf_encoder(tokenizer)
+                    )
+                    doc_encoder = DocumentEncoder(encode, tokenizer.bos_token_id, tokenizer.eos_token_id, dtype)
                 n_tokens, n_lines = encode_file_to(path, tokens_path, doc_encoder, workers, progress)
                 entry = CachedFile(path, tokens_path, n_tokens, n_lines, dtype.name, False)
                 _write_json_atomic(
@@ -302,6 +330,10 @@ def build_token_cache(
             "all are empty or blank; add UTF-8 text, one document per line"
         )
     return cached, stats
+
+
+def _sample_lines(path: Path) -> list[str]:
+    return next(iter_line_batches(path, 1 << 16), [])
 
 
 def _read_meta(path: Path) -> Optional[dict]:
@@ -387,17 +419,20 @@ def load_text_blocks(
     block_size: int,
     cache_dir: str,
     validation_fraction: float,
-    workers: int = 1,
+    workers: Optional[int] = None,
     debug_mode: bool = False,
     overwrite_cache: bool = False,
     max_train_samples: Optional[int] = None,
     max_eval_samples: Optional[int] = None,
     encoder: Optional[Encoder] = None,
     show_progress: bool = True,
+    fast_tokenization: bool = True,
 ) -> tuple[TokenBlocks, Optional[TokenBlocks], TextDataStats]:
     """The data recipe: find files -> tokenize (or reuse the cache) -> cut blocks -> split."""
     files = find_text_files(dataset_dir, debug_mode)
-    cached, stats = build_token_cache(files, tokenizer, Path(cache_dir), workers, encoder, overwrite_cache, show_progress)
+    cached, stats = build_token_cache(
+        files, tokenizer, Path(cache_dir), workers, encoder, overwrite_cache, show_progress, fast_tokenization
+    )
     n_blocks = count_blocks(stats.tokens, block_size)
     if stats.tokens < block_size:
         logger.warning("only %d tokens, fewer than --block_size %d: training on one short block", stats.tokens, block_size)

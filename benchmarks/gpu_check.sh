@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The prepared GPU check (one GPU, <= 5 minutes on an H200): fp16 + DeepSpeed ZeRO-2 LoRA pre-training of a
+# ~1.1B random LLaMA at block 2048 (`zhtrain pretrain`, the seed's run_pt.sh settings) and a bf16 FSDP
+# full_shard SFT run (`zhtrain sft`, the seed's FastChat settings); prints tokens/s, peak GPU memory and MFU,
+# and fails unless each ran on the engine it asked for. What it runs: benchmarks/gpu_check.py.
+#
+#   bash benchmarks/gpu_check.sh                   # on a machine with a CUDA GPU
+#   GPU_CHECK_TINY=1 bash benchmarks/gpu_check.sh  # tiny sizes, CPU allowed: checks the script itself
+#   GPU_CHECK_DIR=/scratch/x bash ...              # keep the work folder (default: a temp folder)
+#
+# Needs torch (CUDA), transformers, peft, accelerate, sentencepiece, safetensors and deepspeed; zhtrain is taken
+# from this checkout (src/). On a machine that cannot reach a package index, bring deepspeed as wheels
+# (`pip wheel --no-deps deepspeed==0.19.8 hjson pydantic ...` elsewhere) and install them first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+    if [ -x .venv/bin/python ]; then PY="$PWD/.venv/bin/python"; else PY=python3; fi
+fi
+missing=$("$PY" - <<'PYCHECK'
+import importlib.util
+need = ["torch", "transformers", "peft", "accelerate", "sentencepiece", "safetensors", "deepspeed"]
+print(" ".join(n for n in need if importlib.util.find_spec(n) is None))
+PYCHECK
+)
+if [ -n "$missing" ]; then
+    echo "gpu_check: missing Python packages for $PY: $missing (pip install them, or set PYTHON=...)" >&2
+    exit 2
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+exec "$PY" benchmarks/gpu_check.py "$@"

@@ -1,0 +1,189 @@
+"""Lines -> token ids, by the fastest path that gives exactly the HF tokenizer's ids.
+
+The HF tokenizer object (`tokenizer(lines)`) is the reference: the cache key is its fingerprint and
+every later stage (SFT, evaluation, inference) uses it. Two faster paths produce the same ids
+without its Python-side overhead:
+
+- `SentencePieceEncoder`: the raw `sentencepiece` library on the folder's `tokenizer.model`
+  (LLaMA-style tokenizers): several times faster than the `tokenizers` conversion of the model.
+  Lines that contain an added/special token's text (`<s>`, `[PAD]`, ...) go through the HF
+  backend, which treats them as tokens.
+- `TokenizersEncoder`: the HF tokenizer's own Rust backend, batch-encoded without offsets.
+
+Either is used only after it matched `tokenizer(line, add_special_tokens=False)` token for token
+on a built-in set of awkward strings plus a sample of the data (`choose_encoder`). When it does not
+match, the next path is tried and the log says why. Known case: for a SentencePiece BPE model whose
+appended pieces share one score (the Chinese-LLaMA merge gives 21k pieces score 0) the `tokenizers`
+conversion breaks ties differently from SentencePiece, so the HF ids differ from sentencepiece's
+and the HF path is kept.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+Encoder = Callable[[list[str]], list[list[int]]]
+
+# Strings on which a fast path must agree with the HF tokenizer before it is used.
+AWKWARD_LINES = (
+    "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。",
+    "１９９８年１月，全角数字ＡＢＣ与半角 2024 混排",
+    "  two leading spaces",
+    "a  b   c    spaces inside",
+    "trailing space ",
+    "\ttab\tinside",
+    "emoji 😀🎉👍🏽 and rare CJK 𠀀𪚥 (byte fallback)",
+    "ｶﾀｶﾅ かな 한국어 русский ελληνικά",
+    "\u3000全角空格\u3000",
+    "e\u0301 combining accent, ñ, ß, ﬁ ligature",
+    "zero\u200bwidth space",
+    "line with \r carriage return",
+    "…—“”‘’《》【】〔〕",
+    "▁ already a metaspace",
+    "<s> </s> <unk> written as text",
+    "x",
+)
+SAMPLE_LINES = 256
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def hf_encoder(tokenizer) -> Encoder:
+    """Batch-encode without special tokens (BOS/EOS are added explicitly per document)."""
+
+    def encode(lines: list[str]) -> list[list[int]]:
+        return tokenizer(lines, add_special_tokens=False)["input_ids"]
+
+    return encode
+
+
+class TokenizersEncoder:
+    """The HF tokenizer's Rust backend, batch-encoded without offsets (picklable)."""
+
+    name = "tokenizers"
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def __call__(self, lines: list[str]) -> list[list[int]]:
+        batch = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        return [encoding.ids for encoding in batch(lines, add_special_tokens=False)]
+
+
+class SentencePieceEncoder:
+    """Raw sentencepiece on `tokenizer.model`; lines holding added-token text go through `fallback`."""
+
+    name = "sentencepiece"
+
+    def __init__(self, model_file: Path, added_tokens: Sequence[str], fallback: Optional[Encoder], threads: int = 1):
+        self.model_file = str(model_file)
+        self.added_tokens = tuple(t for t in added_tokens if t)
+        self.fallback = fallback
+        self.threads = threads
+        self._processor = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_processor"] = None  # loaded again in the worker
+        return state
+
+    def _sp(self):
+        if self._processor is None:
+            import sentencepiece
+
+            self._processor = sentencepiece.SentencePieceProcessor(model_file=self.model_file)
+        return self._processor
+
+    def __call__(self, lines: list[str]) -> list[list[int]]:
+        ids = self._sp().encode(lines, num_threads=self.threads)
+        if self.added_tokens:
+            joined = "\n".join(lines)  # one C-speed scan; per line only when something is there
+            if any(token in joined for token in self.added_tokens):
+                special = [i for i, line in enumerate(lines) if any(token in line for token in self.added_tokens)]
+                if self.fallback is None:
+                    raise ValueError("added-token text in the data and no fallback encoder")
+                for i, token_ids in zip(special, self.fallback([lines[i] for i in special])):
+                    ids[i] = token_ids
+        return ids
+
+
+def sentencepiece_model_of(tokenizer) -> Optional[Path]:
+    """The `tokenizer.model` in the folder the tokenizer was loaded from, if any."""
+    folder = Path(getattr(tokenizer, "name_or_path", "") or "")
+    if folder.is_file():
+        folder = folder.parent
+    candidate = folder / "tokenizer.model"
+    return candidate if candidate.is_file() else None
+
+
+def candidate_encoders(tokenizer, threads: int) -> list:
+    """Fast paths for this tokenizer, fastest first."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    fast = [TokenizersEncoder(backend)] if backend is not None else []
+    model_file = sentencepiece_model_of(tokenizer)
+    if model_file is not None:
+        added = list(tokenizer.get_added_vocab())
+        fallback = fast[0] if fast else hf_encoder(tokenizer)
+        fast.insert(0, SentencePieceEncoder(model_file, added, fallback, threads))
+    return fast
+
+
+def first_mismatch(encoder: Encoder, reference: Encoder, lines: list[str]) -> Optional[str]:
+    try:
+        got = encoder(lines)
+    except Exception as err:  # a fast path that cannot run is simply not used
+        return f"failed ({type(err).__name__}: {err})"
+    want = reference(lines)
+    if len(got) != len(want):
+        return f"returned {len(got)} results for {len(want)} lines"
+    bad = [i for i, (a, b) in enumerate(zip(got, want)) if list(a) != list(b)]
+    if bad:
+        return f"differs on {len(bad)} of {len(lines)} sample lines, first {lines[bad[0]][:40]!r}"
+    return None
+
+
+def choose_encoder(tokenizer, sample: Sequence[str], threads: int = 1) -> Encoder:
+    """The fastest encoder whose ids equal `tokenizer(line, add_special_tokens=False)` on the sample."""
+    reference = hf_encoder(tokenizer)
+    lines = list(AWKWARD_LINES) + [line for line in sample[:SAMPLE_LINES] if line]
+    for encoder in candidate_encoders(tokenizer, threads):
+        problem = first_mismatch(encoder, reference, lines)
+        if problem is None:
+            logger.info("tokenizing with %s (same ids as the HF tokenizer on %d sample lines)", encoder.name, len(lines))
+            return encoder
+        logger.warning("not tokenizing with %s: %s; trying the next path", encoder.name, problem)
+    logger.info("tokenizing with the HF tokenizer")
+    return reference
+
+
+class DocumentEncoder:
+    """lines -> one flat array `[BOS] a.. [EOS] [BOS] b.. [EOS]`; picklable for worker processes."""
+
+    def __init__(self, encode: Encoder, bos_id: Optional[int], eos_id: Optional[int], dtype: np.dtype):
+        self.encode = encode
+        self.bos = [bos_id] if bos_id is not None else []
+        self.eos = [eos_id] if eos_id is not None else []
+        self.dtype = dtype
+
+    def __call__(self, lines: list[str]) -> np.ndarray:
+        docs = self.encode(lines)
+        extra = len(self.bos) + len(self.eos)
+        count = sum(map(len, docs)) + extra * len(docs)
+        if extra:
+            pieces = itertools.chain.from_iterable(part for ids in docs for part in (self.bos, ids, self.eos))
+        else:
+            pieces = itertools.chain.from_iterable(docs)
+        return np.fromiter(pieces, dtype=self.dtype, count=count)  # C loop: no per-token Python list

@@ -1,0 +1,255 @@
+"""What zhtrain adds for multi-process runs (torchrun + DDP / DeepSpeed ZeRO-2/3 / FSDP).
+
+The engines are the field's own (torch.distributed, DeepSpeed, FSDP through the HF Trainer and
+accelerate); this module only holds what they leave to the caller:
+
+- `init_cpu_process_group`: on CPU, the gloo group honours --ddp_timeout (HF passes it on GPUs only);
+- `check_deepspeed_config`: a DeepSpeed config that contradicts the flags is explained in one line
+  before any slow step;
+- `prepare_deepspeed`: DeepSpeed's communication set up before the model loads (ZeRO-3
+  partitions the weights while loading; on CPU accelerate does not set it up);
+- `gathered` / `full_trainable_state`: ZeRO-3 and FSDP shard the weights, so a resize, a new-row
+  initialisation or an adapter save must see the gathered tensors, not local shards of size 0.
+
+FSDP wrapping itself (one `fully_shard` unit per decoder layer) lives in `zhtrain.fsdp`; the launcher
+checks (wrong --master_addr/--master_port) in `zhtrain.launch`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+from zhtrain.errors import ZhtrainError
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch checks
+
+
+def init_cpu_process_group(ddp_timeout: int) -> None:
+    """On CPU, create the gloo process group ourselves, with --ddp_timeout.
+
+    transformers passes --ddp_timeout to the process group only on GPUs; on CPU a rank stuck on a
+    dead peer would wait gloo's default 30 minutes. accelerate then reuses this group.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "MASTER_ADDR" not in os.environ:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(seconds=ddp_timeout))
+
+
+@contextlib.contextmanager
+def data_first(training_args):
+    """Tokenize once: node 0's main process first, then the other nodes' main processes (their
+    disk may not be shared; on a shared one they find the cache), then everyone else reads it.
+
+    HF's main_process_first() alone is per node, so on a shared file system the main process of
+    every node would tokenize the same files at the same time.
+    """
+    with training_args.main_process_first(local=False, desc="tokenizing (node 0)"):
+        with training_args.main_process_first(local=True, desc="tokenizing (other nodes)"):
+            yield
+
+
+def _read_deepspeed_config(value) -> tuple[str, dict]:
+    if isinstance(value, dict):
+        return "--deepspeed", value
+    text = str(value)
+    if text.lstrip().startswith("{"):
+        source, raw = "--deepspeed", text
+    else:
+        source = f"--deepspeed {text}"
+        try:
+            raw = Path(text).read_text(encoding="utf-8")
+        except OSError as err:
+            raise ZhtrainError(f"{source}: cannot read it ({err.strerror}); pass a DeepSpeed JSON config") from None
+    try:
+        config = json.loads(raw)
+    except ValueError as err:
+        raise ZhtrainError(f"{source}: not valid JSON ({err}); fix the file") from None
+    if not isinstance(config, dict):
+        raise ZhtrainError(f"{source}: a DeepSpeed config must be a JSON object")
+    return source, config
+
+
+def check_deepspeed_config(value, fp16: bool, bf16: bool, on_gpu: bool) -> dict:
+    """Explain, in one line, a DeepSpeed config whose precision contradicts the flags (or the machine).
+
+    `fp16`/`bf16` are the flags as the user passed them. Returns the parsed config.
+    """
+    source, config = _read_deepspeed_config(value)
+    wanted = {"fp16": fp16, "bf16": bf16}
+    enabled = {name: (config.get(name) or {}).get("enabled") for name in wanted}  # True / False / "auto" / None
+    if enabled["fp16"] is True and enabled["bf16"] is True:
+        raise ZhtrainError(f"{source}: enables both fp16 and bf16; set both to \"auto\" and pass --fp16 or --bf16")
+    for name, value_in_file in enabled.items():  # contradictions first: they are wrong on any machine
+        other = "bf16" if name == "fp16" else "fp16"
+        if value_in_file is True and not wanted[name]:
+            asked = f"--{other}" if wanted[other] else f"no --{name}"
+            raise ZhtrainError(
+                f"{source}: {name}.enabled is true but the flags say {asked}; set {name}.enabled to \"auto\" so the "
+                f"flags decide, or pass --{name}" + (f" instead of --{other}" if wanted[other] else "")
+            )
+        if value_in_file is False and wanted[name]:
+            raise ZhtrainError(
+                f"{source}: {name}.enabled is false but --{name} was passed; set {name}.enabled to \"auto\" or drop --{name}"
+            )
+    for name, value_in_file in enabled.items():
+        if value_in_file is True and not on_gpu:
+            raise ZhtrainError(
+                f"{source}: {name}.enabled is true, which needs a CUDA GPU (none here); set it to \"auto\" so "
+                "zhtrain trains in float32 on this machine"
+            )
+    return config
+
+
+def explain_deepspeed_mismatches(training_args) -> None:
+    """HF collects the remaining config/flag conflicts (batch size, clipping, lr...) and raises late, in
+    several lines, after the model is loaded; say it now, in one."""
+    hf_config = getattr(training_args, "hf_deepspeed_config", None)
+    mismatches = [m.lstrip("- ") for m in getattr(hf_config, "mismatches", [])]
+    if mismatches:
+        source = training_args.deepspeed if isinstance(training_args.deepspeed, str) and not training_args.deepspeed.lstrip().startswith("{") else "(inline JSON)"
+        raise ZhtrainError(
+            f"--deepspeed {source}: values contradict the flags ({'; '.join(mismatches)}); "
+            "set them to \"auto\" in the file so the flags decide, or change the flags"
+        )
+
+
+def prepare_deepspeed(training_args) -> None:
+    """Set up DeepSpeed's communication before the model is loaded.
+
+    With ZeRO-3, `from_pretrained` partitions weights inside `deepspeed.zero.Init`, which needs it;
+    accelerate sets it up on GPUs but not with use_cpu, and zero.Init then sees a world of 1
+    ("train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size").
+    """
+    if not training_args.deepspeed or training_args.world_size <= 1:
+        return
+    import deepspeed
+
+    _ = training_args.device  # accelerate creates the torch process group first; DeepSpeed wraps it
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=training_args.ddp_timeout_delta)
+
+
+_PEER_FAILURE_SIGNS = ("closed by peer", "reset by peer", "timed out", "timeout", "broken pipe", "watchdog", "nccl")
+
+
+@contextlib.contextmanager
+def explain_lost_peer(training_args):
+    """A rank that died, was killed, or stalled past --ddp_timeout surfaces in the others as a
+    collective's error (gloo: "Connection closed by peer"; NCCL: a watchdog timeout) under a long
+    traceback. Say it in one sentence instead; the process still exits non-zero."""
+    try:
+        yield
+    except RuntimeError as err:  # torch.distributed.DistError subclasses RuntimeError
+        text = str(err)
+        if training_args.world_size <= 1 or not any(sign in text.lower() for sign in _PEER_FAILURE_SIGNS):
+            raise
+        first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else training_args.process_index
+        raise ZhtrainError(
+            f"rank {rank} of {training_args.world_size} lost contact with another process during training "
+            f"({first[:200]}): another rank died or was killed (its node's log shows why), or stalled longer than "
+            f"--ddp_timeout {training_args.ddp_timeout}s. Run the same command again to resume from the last "
+            f"checkpoint in {training_args.output_dir}"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Working on sharded parameters
+
+
+def is_zero3_partitioned(params: Iterable[torch.nn.Parameter]) -> bool:
+    return any(hasattr(p, "ds_id") for p in params)
+
+
+def gathered(params: Iterable[torch.nn.Parameter], modifier_rank: Optional[int] = 0):
+    """Context in which ZeRO-3-partitioned `params` are whole (a no-op for ordinary tensors).
+
+    With modifier_rank=0, what rank 0 writes inside is what every rank holds afterwards. All
+    ranks must enter it together (it is a collective).
+    """
+    params = list(params)
+    if not is_zero3_partitioned(params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """A parameter's real shape, also when ZeRO-3 has left a local placeholder of size 0."""
+    return getattr(param, "ds_shape", None) or param.shape
+
+
+def full_numel(param: torch.Tensor) -> int:
+    return int(getattr(param, "ds_numel", 0) or param.numel())
+
+
+_WRAPPERS = ("DistributedDataParallel", "FullyShardedDataParallel", "DeepSpeedEngine")
+
+
+def unwrap(model):
+    """The PEFT/transformers model inside DDP, FSDP1 or a DeepSpeed engine (FSDP2 wraps in place)."""
+    while type(model).__name__ in _WRAPPERS:
+        model = model.module
+    return model
+
+
+def is_sharded(model) -> bool:
+    """True when ranks hold only shards of the weights (ZeRO-3, FSDP1, FSDP2)."""
+    for module in model.modules():
+        if type(module).__name__ == "FullyShardedDataParallel":
+            return True
+    return any(hasattr(p, "ds_id") or hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def gather_trainable_state(model) -> Optional[dict[str, torch.Tensor]]:
+    """For saving an adapter: the gathered trainable weights when they are sharded, else None
+    (PEFT then reads the model's own tensors). A collective when sharded: call it on every rank."""
+    return full_trainable_state(model) if is_sharded(model) else None
+
+
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "module.")
+
+
+def full_trainable_state(model) -> Optional[dict[str, torch.Tensor]]:
+    """The trainable weights (LoRA + modules_to_save) in full, on CPU, keyed as `unwrap(model).state_dict()`.
+
+    A collective under ZeRO-3 and FSDP: every rank must call it; only rank 0 gets the dict (others
+    get None). Without sharding, only the caller's own tensors are read.
+    """
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+    except ImportError:  # pragma: no cover
+        FSDP1 = None
+    if FSDP1 is not None and any(isinstance(m, FSDP1) for m in model.modules()):
+        root = model if isinstance(model, FSDP1) else next(m for m in model.modules() if isinstance(m, FSDP1))
+        context = FSDP1.summon_full_params(root, writeback=False, offload_to_cpu=True, rank0_only=True)
+    else:
+        context = contextlib.nullcontext()
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    state: dict[str, torch.Tensor] = {}
+    with context, gathered([p for _, p in trainable], modifier_rank=None):
+        for name, param in trainable:
+            tensor = param.detach()
+            if hasattr(tensor, "full_tensor"):  # FSDP2 / DTensor: all-gather (collective)
+                tensor = tensor.full_tensor()
+            if rank == 0:
+                for prefix in _WRAPPER_PREFIXES:
+                    name = name.replace(prefix, "")
+                state[name] = tensor.to("cpu", copy=True).contiguous()
+    return state if rank == 0 else None

@@ -1,0 +1,202 @@
+"""Causal-LM loss without the `tokens x vocab` logits tensor: lm_head + cross-entropy in chunks.
+
+With the Chinese vocabulary (49953 rows) and `lm_head` trained in full, the plain path builds the
+fp32 logits of every position, keeps them (and their softmax) for backward, and walks them several
+times: for a 512-token block that is 100 MB per tensor, per sequence. Here the head is applied to a
+few hundred positions at a time; each chunk's softmax is turned into its gradients for the hidden
+states and the head weight right away (as in Liger's fused linear cross-entropy), so only one
+chunk's logits exist at any moment and nothing vocab-sized is kept for backward beyond the weight
+gradient the optimizer needs anyway.
+
+It plugs into the HF Trainer by overriding `compute_loss` (`ChunkedLossTrainer`); transformers
+itself is not patched. The model still runs through its wrapper (PEFT, DDP, DeepSpeed), so LoRA,
+gradient checkpointing and gradient synchronisation behave as usual: a forward pre-hook on the
+output layer hands us its input (the final hidden states) and lets the layer project zero
+positions. Equality with the plain path (loss and gradients) is tested in tests/test_fast_paths.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MB in fp32; 167 rows of a 49953 vocabulary): efficient matmuls
+# Model types whose forward is exactly `logits = lm_head(final_hidden_states)` (no soft-capping,
+# no logit scale, no auxiliary loss), so computing the loss from the head's input is the same loss.
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum over rows of CE(hidden @ weight.T, target), with the gradients computed chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows: int):
+        device_type = hidden.device.type
+        compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        want_hidden_grad, want_weight_grad = hidden.requires_grad, weight.requires_grad
+        w = weight.to(compute_dtype)
+        grad_hidden = torch.empty_like(hidden) if want_hidden_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        with torch.autocast(device_type, enabled=False):
+            for start in range(0, hidden.size(0), chunk_rows):
+                h = hidden[start : start + chunk_rows].to(compute_dtype)
+                t = targets[start : start + chunk_rows]
+                valid = t != IGNORE_INDEX
+                all_valid = bool(valid.all())
+                safe_t = t if all_valid else torch.where(valid, t, 0)
+                # log_softmax + gather is exactly what cross_entropy computes.
+                log_probs = torch.log_softmax((h @ w.t()).float(), dim=-1)
+                picked = log_probs.gather(1, safe_t.unsqueeze(1)).squeeze(1)
+                total -= picked.sum() if all_valid else torch.where(valid, picked, 0.0).sum()
+                if not (want_hidden_grad or want_weight_grad):
+                    continue
+                # d(sum CE)/d logits = softmax - one_hot(target), zero on ignored rows; in place.
+                grad_logits = log_probs.exp_()
+                rows = torch.arange(t.size(0), device=t.device)
+                grad_logits[rows, safe_t] -= 1.0
+                if not all_valid:
+                    grad_logits.masked_fill_(~valid.unsqueeze(1), 0.0)
+                g = grad_logits.to(compute_dtype)
+                if want_hidden_grad:
+                    grad_hidden[start : start + chunk_rows] = (g @ w).to(hidden.dtype)
+                if want_weight_grad:
+                    grad_weight.addmm_(g.t().float(), h.float())  # no-op casts in fp32; fp32 sums under autocast
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        ctx.has = (want_hidden_grad, want_weight_grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        want_hidden_grad, want_weight_grad = ctx.has
+        dh = grad_hidden * grad_total.to(grad_hidden.dtype) if want_hidden_grad else None
+        dw = (grad_weight * grad_total).to(ctx.weight_dtype) if want_weight_grad else None
+        return dh, dw, None, None
+
+
+def chunk_rows_for(vocab_size: int) -> int:
+    return max(16, CHUNK_ELEMENTS // max(vocab_size, 1))
+
+
+def chunked_causal_lm_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    num_items_in_batch: Optional[torch.Tensor | int] = None,
+    chunk_rows: Optional[int] = None,
+) -> torch.Tensor:
+    """Same value and gradients as transformers' ForCausalLMLoss(hidden @ weight.T, labels).
+
+    Tokens < n predict token n; label -100 is ignored; the sum is divided by `num_items_in_batch`
+    when given (the Trainer's count over all gradient-accumulation micro-batches), else by the
+    number of counted tokens.
+    """
+    shift_labels = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    flat_hidden = hidden.reshape(-1, hidden.size(-1))
+    flat_labels = shift_labels.reshape(-1).to(flat_hidden.device)
+    rows = chunk_rows or chunk_rows_for(weight.size(0))
+    total = _LinearCrossEntropy.apply(flat_hidden, weight, flat_labels, rows)
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        return total / num_items_in_batch
+    return total / (flat_labels != IGNORE_INDEX).sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# The output layer, found through the model (PEFT's ModulesToSaveWrapper included)
+
+
+def plain_output_layers(model) -> Optional[list[nn.Linear]]:
+    """The plain `nn.Linear` layers that may compute the logits, or None when the chunked loss can't apply.
+
+    `model.get_output_embeddings()` is the lm_head itself, or PEFT's ModulesToSaveWrapper around
+    the original head and the trained copy (which one runs depends on the active adapter, so all
+    are hooked and the one that runs reports itself). A LoRA on lm_head or a head with a bias or a
+    post-processing step (soft-capping, logit scale) keeps the plain path.
+    """
+    unwrapped = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(unwrapped, "config", None)
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        return None
+    head = unwrapped.get_output_embeddings()
+    if head is None:
+        return None
+    leaves = [m for m in head.modules() if not list(m.children())]
+    if not leaves or any(type(m) is not nn.Linear or m.bias is not None for m in leaves):
+        return None
+    return leaves
+
+
+def _under_sharded_engine(trainer: Trainer) -> bool:
+    """ZeRO-3 / FSDP hold only a shard of each weight outside the module's own forward."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return bool(is_deepspeed_zero3_enabled() or getattr(trainer, "is_fsdp_enabled", False))
+
+
+class _HeadInput:
+    """Forward pre-hook: keep the head's input (the final hidden states), let the head see 0 positions."""
+
+    def __init__(self):
+        self.hidden: Optional[torch.Tensor] = None
+        self.layer: Optional[nn.Linear] = None
+
+    def hook_for(self, layer: nn.Linear):
+        def pre_hook(module, args, kwargs):
+            self.hidden, self.layer = args[0], module
+            return (args[0][..., :0, :],) + tuple(args[1:]), kwargs
+
+        return pre_hook
+
+
+class ChunkedLossTrainer(Trainer):
+    """HF Trainer whose training loss never materialises the full logits (see module docstring).
+
+    Evaluation (which needs logits for token accuracy) and any model the chunked loss cannot handle
+    use the Trainer's own path.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._chunked_layers = None if _under_sharded_engine(self) else plain_output_layers(self.model)
+        if self._chunked_layers is None:
+            logger.info("chunked lm_head loss not applicable to this model; using the plain loss")
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if (
+            return_outputs
+            or self._chunked_layers is None
+            or not model.training
+            or inputs.get("labels") is None
+            or self.label_smoother is not None
+            or self.compute_loss_func is not None
+        ):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs["labels"]
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        capture = _HeadInput()
+        handles = [layer.register_forward_pre_hook(capture.hook_for(layer), with_kwargs=True) for layer in self._chunked_layers]
+        try:
+            model(**model_inputs)  # through the wrappers (DDP/DeepSpeed/PEFT); the head projects nothing
+        finally:
+            for handle in handles:
+                handle.remove()
+        if capture.hidden is None:
+            raise RuntimeError("chunked loss: the model's forward never called its output layer")
+        normalizer = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        loss = chunked_causal_lm_loss(capture.hidden, capture.layer.weight, labels, normalizer)
+        # Mirror Trainer.compute_loss: a token-count-normalised loss is averaged across processes.
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            loss_scale = self.accelerator.num_processes // self.get_tp_size()
+            loss = loss * (loss_scale if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return loss

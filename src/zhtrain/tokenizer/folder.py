@@ -1,0 +1,62 @@
+"""Output folders of the tokenizer commands: refused if they exist, built aside, renamed into place."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from zhtrain.errors import ZhtrainError
+
+RECORD_FILE = "zhtrain_tokenizer.json"  # what was built from what, and the measured figures
+
+
+@contextmanager
+def new_output_dir(output_dir: str, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary folder beside `output_dir`; it replaces `output_dir` only when complete.
+
+    An existing non-empty `output_dir` is refused unless `overwrite`; even then the old folder
+    stays untouched until the new one is finished.
+    """
+    from zhtrain.train import replace_dir
+
+    if not output_dir:
+        raise ZhtrainError("--output_dir is required: the folder to write the tokenizer into")
+    dest = Path(output_dir)
+    if dest.is_file():
+        raise ZhtrainError(f"--output_dir {dest}: is a file; choose a folder path")
+    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
+        raise ZhtrainError(f"--output_dir {dest}: already exists; pass --overwrite to replace it, or choose another folder")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_dir(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_record(folder: Path, record: dict) -> None:
+    (folder / RECORD_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_record(folder: Path) -> dict:
+    try:
+        return json.loads((Path(folder) / RECORD_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def load_hf_tokenizer(folder: Path, expected_len: int, what: str):
+    """Load a tokenizer folder we just wrote and check its length (transformers can silently build a tiny one)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if len(tokenizer) != expected_len:
+        raise RuntimeError(f"{what}: the Hugging Face tokenizer has {len(tokenizer)} tokens, expected {expected_len}")
+    return tokenizer

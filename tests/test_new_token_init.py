@@ -1,0 +1,243 @@
+"""New embedding rows (--new_token_init) and Stage 1 (--training_stage embeddings, --train_new_rows_only)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fixtures import make_tiny_llama
+from test_tokenizer import chinese_lines, make_bpe_tokenizer, write_corpus
+
+from zhtrain.errors import ZhtrainError
+from zhtrain.tokenizer import main as tokenizer_main
+from zhtrain.vocab import resize_embeddings, subword_pieces
+
+
+@pytest.fixture(scope="module")
+def merged_dir(sp_tokenizer_dir, tmp_path_factory) -> Path:
+    """The 400-piece LLaMA-layout fixture tokenizer + Chinese pieces (as Chinese-LLaMA's merge)."""
+    folder = tmp_path_factory.mktemp("merged")
+    corpus = write_corpus(folder / "zh.txt", chinese_lines(1500))
+    tokenizer_main(["train", "--corpus", str(corpus), "--vocab_size", "300", "--output_dir", str(folder / "zh")])
+    tokenizer_main(["merge", "--llama_tokenizer_dir", str(sp_tokenizer_dir), "--chinese_sp_model_file",
+                    str(folder / "zh" / "chinese_sp.model"), "--output_dir", str(folder / "out"), "--add_pad_token"])
+    return folder / "out"
+
+
+@pytest.fixture(scope="module")
+def model_with_tokenizer(tiny_model_dir, sp_tokenizer_dir, tmp_path_factory) -> Path:
+    """The tiny model's folder with its own tokenizer in it, as real model folders are."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("llama") / "tiny"
+    shutil.copytree(tiny_model_dir, folder)
+    for item in sp_tokenizer_dir.iterdir():
+        shutil.copy(item, folder / item.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def byte_level(tmp_path_factory):
+    """A byte-level BPE base, its extension, and a tiny tied model of the base's size (SmolLM2's layout)."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("bytes")
+    base = make_bpe_tokenizer(folder / "base")
+    corpus = write_corpus(folder / "zh.txt", chinese_lines(800))
+    tokenizer_main(["extend", "--tokenizer_name_or_path", str(base), "--corpus", str(corpus), "--num_new_tokens", "60", "--output_dir", str(folder / "ext")])
+    size = len(AutoTokenizer.from_pretrained(str(base)))
+    model_dir = make_tiny_llama(folder / "model", vocab_size=size, tie=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model_dir / name).write_bytes((base / name).read_bytes())
+    return base, folder / "ext", model_dir
+
+
+def tokenizers(base: Path, new: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(base)), AutoTokenizer.from_pretrained(str(new))
+
+
+def load(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir))
+
+
+def test_subword_pieces_spell_each_new_sentencepiece_token(sp_tokenizer_dir, merged_dir):
+    base, new = tokenizers(sp_tokenizer_dir, merged_dir)
+    pieces = subword_pieces(new, base, len(base), len(new))
+    assert len(pieces) == len(new) - len(base)
+    for offset, ids in enumerate(pieces[:-1]):  # all but [PAD]: base pieces (bytes included) spell the new piece
+        token = new.convert_ids_to_tokens(len(base) + offset)
+        assert ids and base.convert_tokens_to_string(base.convert_ids_to_tokens(ids)) == new.convert_tokens_to_string([token])
+    assert pieces[-1] == []  # [PAD] is special: no spelling, it starts at the mean
+    huanghe = new.convert_tokens_to_ids("黄河")
+    assert huanghe >= len(base) and len(pieces[huanghe - len(base)]) >= 2
+
+
+def test_subword_mean_sets_both_matrices_to_the_mean_of_the_pieces(sp_tokenizer_dir, merged_dir, tiny_model_dir):
+    base, new = tokenizers(sp_tokenizer_dir, merged_dir)
+    model = load(tiny_model_dir)
+    old_in = model.get_input_embeddings().weight.detach().clone()
+    old_out = model.get_output_embeddings().weight.detach().clone()
+    added = resize_embeddings(model, len(new), init="subword_mean", tokenizer=new, base_tokenizer=base)
+    assert added == len(new) - 400
+    pieces = subword_pieces(new, base, 400, len(new))
+    for matrix, old in ((model.get_input_embeddings().weight, old_in), (model.get_output_embeddings().weight, old_out)):
+        assert torch.equal(matrix[:400], old)
+        for offset, ids in enumerate(pieces):
+            expected = old[ids].mean(0) if ids else old.mean(0)
+            assert torch.allclose(matrix[400 + offset], expected, atol=1e-6)
+    rows = model.get_input_embeddings().weight[400:-1]
+    assert len({tuple(r.tolist()) for r in rows}) > 0.9 * len(rows)  # distinct rows, not one average
+
+
+def test_subword_mean_on_a_tied_byte_level_model(byte_level):
+    base_dir, ext_dir, model_dir = byte_level
+    base, new = tokenizers(base_dir, ext_dir)
+    model = load(model_dir)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    old = model.get_input_embeddings().weight.detach().clone()
+    resize_embeddings(model, len(new), init="subword_mean", tokenizer=new, base_tokenizer=base)
+    weight = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is weight  # still tied, written once
+    for index in range(len(base), len(new)):
+        ids = [p.id for p in base.backend_tokenizer.model.tokenize(new.convert_ids_to_tokens(index))]
+        assert len(ids) >= 2 and torch.allclose(weight[index], old[ids].mean(0), atol=1e-6)
+
+
+def test_mean_and_random_inits(tiny_model_dir):
+    model = load(tiny_model_dir)
+    old = model.get_input_embeddings().weight.detach().clone()
+    resize_embeddings(model, 420, init="mean")
+    assert torch.allclose(model.get_input_embeddings().weight[400:], old.mean(0).expand(20, -1))
+    model = load(tiny_model_dir)
+    resize_embeddings(model, 420, init="random")
+    new = model.get_input_embeddings().weight[400:]
+    assert not torch.allclose(new, old.mean(0).expand(20, -1)) and not torch.allclose(new[0], new[1])
+    with pytest.raises(ZhtrainError, match="--new_token_init zeros: unknown; choose one of subword_mean, mean, random"):
+        resize_embeddings(model, 430, init="zeros")
+
+
+def test_subword_mean_without_a_base_tokenizer_falls_back_to_the_mean(tiny_model_dir, caplog):
+    model = load(tiny_model_dir)
+    old = model.get_input_embeddings().weight.detach().clone()
+    resize_embeddings(model, 410, init="subword_mean")
+    assert torch.allclose(model.get_input_embeddings().weight[400:], old.mean(0).expand(10, -1))
+    assert "needs the model's own tokenizer" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Through `zhtrain pretrain`: the default init, Stage 1, new rows only
+
+
+def pretrain_argv(model_dir, tokenizer_dir, data_dir, out, *extra):
+    return [
+        "--model_name_or_path", str(model_dir), "--tokenizer_name_or_path", str(tokenizer_dir), "--custom_vocab",
+        "--dataset_dir", str(data_dir), "--data_cache_dir", str(out.parent / "cache"), "--output_dir", str(out),
+        "--block_size", "32", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--weight_decay", "0.01",
+        "--do_train", "--save_strategy", "no", "--report_to", "none", "--seed", "1", "--validation_split_percentage", "0",
+        "--lora_rank", "4", "--lora_alpha", "8", "--trainable", "q_proj,v_proj", "--disable_tqdm", "True", *extra,
+    ]
+
+
+def run_pretrain(argv):
+    from zhtrain.pretrain import parse_pretrain_args, pretrain
+
+    return pretrain(*parse_pretrain_args(argv))
+
+
+def adapter_weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def embedding(weights: dict, name: str) -> torch.Tensor:
+    return next(t for k, t in weights.items() if name in k)
+
+
+@pytest.mark.slow
+def test_stage1_trains_only_embeddings_and_saves_a_loadable_adapter(sp_tokenizer_dir, merged_dir, tiny_model_dir, text_dir, tmp_path):
+    from peft import PeftModel
+
+    out = tmp_path / "stage1"
+    result = run_pretrain(pretrain_argv(tiny_model_dir, merged_dir, text_dir, out, "--training_stage", "embeddings", "--max_steps", "3"))
+    model = result.trainer.model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("modules_to_save" in n and ("embed_tokens" in n or "lm_head" in n) for n in trainable)
+    base = load(tiny_model_dir)
+    base_state = base.state_dict()
+    for name, param in model.get_base_model().named_parameters():  # the transformer is untouched
+        if "layers." in name and "lora_" not in name:
+            assert torch.equal(param, base_state[name.replace("base_layer.", "")])
+        if "lora_B" in name:
+            assert not param.any()  # the LoRA is exactly zero
+    weights = adapter_weights(out / "pt_lora_model")
+    trained_embed = embedding(weights, "embed_tokens")
+    assert trained_embed.shape[0] == len(tokenizers(sp_tokenizer_dir, merged_dir)[1])
+    assert not torch.equal(trained_embed[:400], base.get_input_embeddings().weight)  # all rows trained
+    config = json.loads((out / "pt_lora_model" / "adapter_config.json").read_text())
+    assert sorted(config["modules_to_save"]) == ["embed_tokens", "lm_head"]
+    # Reloads on the resized base and gives the trained model's logits.
+    fresh = load(tiny_model_dir)
+    fresh.resize_token_embeddings(trained_embed.shape[0])
+    reloaded = PeftModel.from_pretrained(fresh, str(out / "pt_lora_model")).eval()
+    ids = torch.tensor([[1, 5, 420, 430, 7]])
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_train_new_rows_only_keeps_the_model_rows_bit_identical(sp_tokenizer_dir, merged_dir, model_with_tokenizer, text_dir, tmp_path):
+    out = tmp_path / "new_rows"
+    argv = pretrain_argv(model_with_tokenizer, merged_dir, text_dir, out, "--training_stage", "embeddings", "--train_new_rows_only", "--max_steps", "3")
+    result = run_pretrain(argv)
+    assert result.trainer.args.weight_decay == 0  # decoupled decay would move the frozen rows
+    base, new = tokenizers(sp_tokenizer_dir, merged_dir)
+    fresh = load(model_with_tokenizer)
+    resize_embeddings(fresh, len(new), init="subword_mean", tokenizer=new, base_tokenizer=base)
+    weights = adapter_weights(out / "pt_lora_model")
+    for name, start in (("embed_tokens", fresh.get_input_embeddings().weight), ("lm_head", fresh.get_output_embeddings().weight)):
+        trained = embedding(weights, name)
+        assert torch.equal(trained[:400], start[:400])  # the model's own rows: bit-identical
+        assert not torch.allclose(trained[400:], start[400:])  # the new rows learned
+    assert result.metrics["trainable_parameters"] > 0
+
+
+def test_stage_flags_are_checked(tiny_model_dir, sp_tokenizer_dir, text_dir, tmp_path):
+    with pytest.raises(ZhtrainError, match="--train_new_rows_only applies to Stage 1"):
+        run_pretrain(pretrain_argv(tiny_model_dir, sp_tokenizer_dir, text_dir, tmp_path / "a", "--train_new_rows_only", "--max_steps", "1"))
+    with pytest.raises(ZhtrainError, match=r"--train_new_rows_only: the tokenizer \(400 tokens\) adds no rows to the model \(400\)"):
+        run_pretrain(pretrain_argv(tiny_model_dir, sp_tokenizer_dir, text_dir, tmp_path / "b", "--training_stage", "embeddings",
+                                   "--train_new_rows_only", "--max_steps", "1"))
+
+
+@pytest.mark.slow
+def test_pretrain_starts_new_rows_from_their_pieces_by_default(byte_level, text_dir, tmp_path, capsys):
+    base_dir, ext_dir, model_dir = byte_level
+    out = tmp_path / "default"
+    run_pretrain(pretrain_argv(model_dir, ext_dir, text_dir, out, "--modules_to_save", "embed_tokens,lm_head", "--max_steps", "1"))
+    assert "new rows: subword_mean init, 60 of 60 from base pieces" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_subword_mean_under_deepspeed_zero3(sp_tokenizer_dir, merged_dir, tiny_model_dir):
+    """Partitioned weights have 0 local rows: sizes come from ds_shape and rows are written gathered."""
+    import socket
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    worker = Path(__file__).parent / "zero3_init_worker.py"
+    result = subprocess.run([sys.executable, str(worker), str(sp_tokenizer_dir), str(merged_dir), str(tiny_model_dir), str(port)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "ZERO3_OK" in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]
