@@ -8,7 +8,11 @@ r 8 on the seven projections, embed_tokens + lm_head trained in full), same glob
   FSDP          `torchrun --nproc_per_node P benchmarks/bench_distributed.py --worker`: the HF Trainer
                 cannot shard on CPU (accelerate enables FSDP on GPUs only), so this runs zhtrain's own
                 pieces (tokenizer, token blocks, model, vocabulary, LoRA, `zhtrain.fsdp.shard`, adapter
-                save) with AdamW in a plain loop; "FSDP loop, 1 process" is that loop unsharded.
+                save) with AdamW in a plain loop; "FSDP loop, 1 proc" is that loop unsharded.
+
+The one-process runs go without torchrun, as users run them, once with zhtrain's default threads
+(all cores) and once with OMP_NUM_THREADS=1: on a machine that other work shares, OpenMP threads
+waiting for busy cores can lose most of their speed, and the ratios use the 1-thread runs.
 
 tokens/s = steps x global batch x block / seconds from the first step's start to the last step's end
 (`report.json` of the Trainer runs, the same definition in the loop): start-up is excluded, the
@@ -40,7 +44,7 @@ LABELS = {
     "ddp": "DDP",
     "zero2": "DeepSpeed ZeRO-2",
     "zero3": "DeepSpeed ZeRO-3",
-    "fsdp_single": "FSDP loop, 1 process",
+    "fsdp_single": "FSDP loop, 1 proc, 1 thr",
     "fsdp": "FSDP (fully_shard)",
 }
 LORA = ["--trainable", "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj", "--modules_to_save", "embed_tokens,lm_head",
@@ -183,7 +187,7 @@ def measure(mode: str, args, model: Path, tokenizer: Path, data: Path, root: Pat
     out = root / f"out-{mode}"
     procs = 1 if mode in ("single", "single_1t", "fsdp_single") else args.procs
     batch = args.batch * (args.procs if procs == 1 else 1)
-    threads = 1 if mode == "single_1t" else None  # else zhtrain's default: cores / local processes
+    threads = 1 if mode in ("single_1t", "fsdp_single") else None  # else zhtrain's default: cores / local processes
     # One process runs as users run it, without torchrun (under torchrun the Trainer would wrap a
     # 1-process DDP around it on CPU).
     launcher = [sys.executable] if procs == 1 else [
@@ -245,12 +249,13 @@ def main(argv=None) -> None:
             results[mode]["wall_seconds"] = round(time.perf_counter() - started, 1)
             print(f"  measured {mode}: {results[mode]}", flush=True)
 
-    print(f"\n{'mode':<24} {'procs':>5} {'engine':<32} {'tokens/s':>9} {'vs 1 proc':>9} {'last loss':>9} {'wall s':>7}")
+    print(f"\n{'mode':<26} {'procs':>5} {'engine':<26} {'tokens/s':>9} {'vs 1 proc':>9} {'last loss':>9} {'wall s':>7}")
     for mode, r in results.items():
-        base = results.get("fsdp_single" if mode.startswith("fsdp") else "single")
+        base = results.get("fsdp_single" if mode.startswith("fsdp") else "single_1t")
         ratio = f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}x" if base else "-"
-        print(f"{LABELS[mode]:<24} {r['world']:>5} {r['engine']:<32} {r['tokens_per_second']:>9.0f} {ratio:>9} {r['loss']:>9.4f} {r['wall_seconds']:>7}")
-    print("(FSDP is compared with the same loop in one process; the others with `zhtrain pretrain` in one process.)")
+        print(f"{LABELS[mode]:<26} {r['world']:>5} {r['engine']:<26} {r['tokens_per_second']:>9.0f} {ratio:>9} {r['loss']:>9.4f} {r['wall_seconds']:>7}")
+    print("(ratios: FSDP against the same loop in one process, the others against `zhtrain pretrain` in one process,\n"
+          " both with 1 thread; the default-thread row shows what OpenMP does when other work shares the cores)")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
 

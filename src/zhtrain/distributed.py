@@ -4,12 +4,15 @@ The engines are the field's own (torch.distributed, DeepSpeed, FSDP through the 
 accelerate); this module only holds what they leave to the caller:
 
 - `init_cpu_process_group`: on CPU, the gloo group honours --ddp_timeout (HF passes it on GPUs only);
-- `check_deepspeed_config`: a DeepSpeed config that contradicts the flags is explained in one line
-  before any slow step;
-- `prepare_deepspeed`: DeepSpeed's communication set up before the model loads (ZeRO-3
-  partitions the weights while loading; on CPU accelerate does not set it up);
-- `gathered` / `full_trainable_state`: ZeRO-3 and FSDP shard the weights, so a resize, a new-row
-  initialisation or an adapter save must see the gathered tensors, not local shards of size 0.
+- `data_first`: the token cache is built once, by node 0's main process first, also across nodes;
+- `check_deepspeed_config` / `explain_deepspeed_mismatches`: a DeepSpeed config that contradicts the
+  flags is explained in one line before any slow step;
+- `prepare_deepspeed`: DeepSpeed's communication set up before any model is built (ZeRO-3
+  partitions weights as they are created; on CPU accelerate does not set it up);
+- `gathered` / `full_shape` / `full_numel` / `gather_trainable_state`: ZeRO-3 and FSDP shard the
+  weights, so a resize, a new-row initialisation or an adapter save must see whole tensors, not
+  local shards of size 0 (the seed's ZeRO-3 failure);
+- `explain_lost_peer`: a rank that died or stalled past --ddp_timeout is said in one sentence.
 
 FSDP wrapping itself (one `fully_shard` unit per decoder layer) lives in `zhtrain.fsdp`; the launcher
 checks (wrong --master_addr/--master_port) in `zhtrain.launch`.

@@ -43,6 +43,7 @@ from zhtrain.data.supervised import (
     write_preprocessed,
 )
 from zhtrain.data.templates import get_template, save_template
+from zhtrain.distributed import explain_lost_peer, prepare_deepspeed
 from zhtrain.errors import ZhtrainError, run_command
 from zhtrain.model import apply_lora, cast_trainable_to_fp32, count_parameters, load_base_model, load_config, load_tokenizer, sentencepiece_file
 from zhtrain.report import ThroughputCallback, build_report, summary_line, write_report
@@ -113,6 +114,7 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
     for note in training_args.compat_notes:
         logger.warning(note)
     threads = set_cpu_threads()
+    prepare_deepspeed(training_args)  # before any model is built: ZeRO-3 partitions weights as they are created
     set_seed(training_args.seed)
     on_gpu = torch.cuda.is_available()
     logger.info("world size %d, %d CPU threads per process, device %s", training_args.world_size, threads, training_args.device)
@@ -202,7 +204,7 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
     metrics: dict = {"trainable_parameters": trainable, "resumed_from": resume_from, "template": template.name}
     metrics.update({f"{name}_{key}": value for name, s in summaries.items() for key, value in vars(s).items() if key != "reasons"})
     if do_train:
-        with explain_disk_full(training_args.output_dir):
+        with explain_lost_peer(training_args), explain_disk_full(training_args.output_dir):
             result = trainer.train(resume_from_checkpoint=resume_from)
         logger.info("trained with engine %s, world size %d", type(trainer.model_wrapped).__name__, training_args.world_size)
         train_metrics = dict(result.metrics, train_samples=len(train_data))
