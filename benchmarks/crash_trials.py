@@ -191,7 +191,7 @@ def compare_adapters(a: Path, b: Path) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=20)
-    parser.add_argument("--max_steps", type=int, default=40)
+    parser.add_argument("--max_steps", type=int, default=100)
     parser.add_argument("--save_steps", type=int, default=4)
     parser.add_argument("--files", type=int, default=8, help="text files (each is one cache entry)")
     parser.add_argument("--lines", type=int, default=1500, help="lines per text file")

@@ -141,6 +141,26 @@ def test_rotation_waits_until_the_new_checkpoint_is_complete(tmp_path, tiny_mode
     assert "pt_lora_model/adapter_model.safetensors" in manifest["files"] and "optimizer.pt" in manifest["files"]
 
 
+def test_rerunning_a_finished_run_changes_nothing(tmp_path, tiny_model_dir, sp_tokenizer_dir, text_dir):
+    """transformers' Trainer resumed at max_steps trains one step more and saves checkpoint-N+1; zhtrain does not."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from zhtrain.pretrain import parse_pretrain_args, pretrain
+
+    out = tmp_path / "out"
+    argv = [str(a) for a in pretrain_flags(tiny_model_dir, sp_tokenizer_dir, text_dir, out)[1:]]
+    pretrain(*parse_pretrain_args(argv))
+    first = load_file(str(out / "pt_lora_model" / "adapter_model.safetensors"))
+    shutil.rmtree(out / "pt_lora_model")  # as if killed while writing the final adapter
+    result = pretrain(*parse_pretrain_args(argv))
+    assert result.metrics["resumed_from"] == str(out / "checkpoint-4")
+    assert [step for step, _, _ in list_checkpoints(out)] == [2, 4] and result.trainer.state.global_step == 4
+    again = load_file(str(out / "pt_lora_model" / "adapter_model.safetensors"))
+    assert set(again) == set(first) and all(torch.equal(first[k], again[k]) for k in first)
+
+
 # ---------------------------------------------------------------------------------------------
 # Non-finite loss
 

@@ -89,7 +89,10 @@ def clean_interrupted_writes(output_dir: Path) -> list[str]:
         for path in root.iterdir() if root.is_dir() else ():
             match = LEFTOVER_RE.match(path.name)
             if match and not _process_alive(int(match.group(3))):
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
                 removed.append(str(path.relative_to(output_dir)))
     for _, path, complete in list_checkpoints(output_dir):
         if not complete:
@@ -162,11 +165,13 @@ class CheckpointGuard(TrainerCallback):
     def _about_to_save(self, args, state, control):
         # A folder of that name is from an abandoned run (e.g. killed mid-save): the Trainer would
         # write over it in place, mixing old and new files under an old manifest.
-        if control.should_save and state.is_world_process_zero:
+        if not control.should_save:
+            return
+        if state.is_world_process_zero:
             stale = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if stale.exists():
                 discard(stale)
-        _barrier()
+        _barrier()  # only on save steps (every rank decides alike), never once per step
 
     def on_step_end(self, args, state, control, **kwargs):
         self._about_to_save(args, state, control)

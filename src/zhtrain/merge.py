@@ -271,11 +271,16 @@ def output_dtype(choice: str, stored: torch.dtype) -> torch.dtype:
 def merged_tensors(plan: MergePlan, dtype_choice: str, with_lm_head: bool):
     """(name, merged tensor in the output dtype), base shard after base shard, one tensor at a time;
     the lm_head of a tied base follows embed_tokens when it is written out."""
-    for shard in plan.checkpoint.shards:
-        for key, tensor in iter_shard(shard, plan.checkpoint.keys[shard]):
-            yield key, merged_tensor(plan, key, tensor).to(output_dtype(dtype_choice, tensor.dtype))
-            if key == EMBED and with_lm_head:
-                yield LM_HEAD, merged_tensor(plan, LM_HEAD, tensor).to(output_dtype(dtype_choice, tensor.dtype))
+    from tqdm.auto import tqdm
+
+    total = sum(len(keys) for keys in plan.checkpoint.keys.values())
+    with tqdm(total=total, desc="merging", unit="tensor", delay=1.0) as progress:  # shown once it takes over a second
+        for shard in plan.checkpoint.shards:
+            for key, tensor in iter_shard(shard, plan.checkpoint.keys[shard]):
+                yield key, merged_tensor(plan, key, tensor).to(output_dtype(dtype_choice, tensor.dtype))
+                if key == EMBED and with_lm_head:
+                    yield LM_HEAD, merged_tensor(plan, LM_HEAD, tensor).to(output_dtype(dtype_choice, tensor.dtype))
+                progress.update(1)
 
 
 def shard_size_bytes(text: str) -> int:

@@ -45,6 +45,8 @@ from zhtrain.train import (
     build_trainer,
     check_writable,
     explain_disk_full,
+    finish_from_checkpoint,
+    finished_checkpoint,
     prepare_output_dir,
     set_cpu_threads,
     setup_logging,
@@ -229,7 +231,9 @@ def pretrain(model_args, data_args, lora_args, training_args) -> RunResult:
     callbacks = [SaveAdapterCallback(tokenizer, sentencepiece_file(model_args.tokenizer_name_or_path), "pt_lora_model"), throughput]
     trainer = build_trainer(model, training_args, train_data if training_args.do_train else None, eval_data, tokenizer, callbacks)
     metrics: dict = {"trainable_parameters": trainable, "resumed_from": resume_from}
-    if training_args.do_train:
+    if training_args.do_train and finished_checkpoint(resume_from, training_args):
+        finish_from_checkpoint(trainer, resume_from, "pt_lora_model", tokenizer, sentencepiece_file(model_args.tokenizer_name_or_path))
+    elif training_args.do_train:
         with explain_lost_peer(training_args), explain_disk_full(training_args.output_dir):
             result = trainer.train(resume_from_checkpoint=resume_from)
         # A misconfigured distributed run trains one copy per rank silently: say what actually ran.

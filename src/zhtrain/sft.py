@@ -47,7 +47,16 @@ from zhtrain.distributed import explain_lost_peer, prepare_deepspeed
 from zhtrain.errors import ZhtrainError, run_command
 from zhtrain.model import apply_lora, cast_trainable_to_fp32, count_parameters, load_base_model, load_config, load_tokenizer, sentencepiece_file
 from zhtrain.report import ThroughputCallback, build_report, summary_line, write_report
-from zhtrain.train import SaveAdapterCallback, build_trainer, explain_disk_full, prepare_output_dir, set_cpu_threads, setup_logging
+from zhtrain.train import (
+    SaveAdapterCallback,
+    build_trainer,
+    explain_disk_full,
+    finish_from_checkpoint,
+    finished_checkpoint,
+    prepare_output_dir,
+    set_cpu_threads,
+    setup_logging,
+)
 from zhtrain.vocab import SEED_VOCAB_SIZES, model_vocab_size, resize_embeddings, untie_embeddings
 
 logger = logging.getLogger("zhtrain.sft")
@@ -203,7 +212,9 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
     trainer = build_trainer(model, training_args, train_data if do_train else None, eval_data, tokenizer, callbacks, collator)
     metrics: dict = {"trainable_parameters": trainable, "resumed_from": resume_from, "template": template.name}
     metrics.update({f"{name}_{key}": value for name, s in summaries.items() for key, value in vars(s).items() if key != "reasons"})
-    if do_train:
+    if do_train and lora_args.use_lora and finished_checkpoint(resume_from, training_args):
+        finish_from_checkpoint(trainer, resume_from, "sft_lora_model", tokenizer, sp_model)  # a rerun changes nothing
+    elif do_train:
         with explain_lost_peer(training_args), explain_disk_full(training_args.output_dir):
             result = trainer.train(resume_from_checkpoint=resume_from)
         logger.info("trained with engine %s, world size %d", type(trainer.model_wrapped).__name__, training_args.world_size)

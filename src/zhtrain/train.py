@@ -118,6 +118,32 @@ def training_args_barrier(training_args) -> None:
             pass
 
 
+def finished_checkpoint(resume_from: Optional[str], training_args) -> bool:
+    """True when resuming from a checkpoint that already reached --max_steps.
+
+    The HF Trainer (5.x) would still run one step past it and save checkpoint-N+1: rerunning a
+    finished run, or one killed while writing its final adapter, must change nothing.
+    """
+    if not resume_from or not training_args.max_steps or training_args.max_steps <= 0:
+        return False
+    state = _read_run_file(Path(resume_from) / "trainer_state.json") or {}
+    return int(state.get("global_step", 0)) >= training_args.max_steps
+
+
+def finish_from_checkpoint(trainer, checkpoint: str, folder: str, tokenizer, sentencepiece_model: Optional[Path]) -> None:
+    """Nothing left to train: the model and state of the final checkpoint, and <output_dir>/<folder>
+    (re)written from them (the run may have been killed while writing it)."""
+    from transformers import TrainerState
+
+    model = trainer.model
+    model.load_adapter(checkpoint, model.active_adapter, is_trainable=True)  # as the Trainer resumes a PEFT model
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    if trainer.args.should_save:
+        save_adapter(model, tokenizer, sentencepiece_model, Path(trainer.args.output_dir) / folder)
+    logger.info("%s already reached --max_steps %d: nothing to train; %s/%s is that checkpoint's adapter",
+                checkpoint, trainer.args.max_steps, trainer.args.output_dir, folder)
+
+
 def _read_run_file(path: Path) -> Optional[dict]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
