@@ -8,7 +8,10 @@ trained in full (`modules_to_save`), block 512, batch 1, the seed's run_pt.sh op
   baseline  the seed's run_clm_pt_with_peft.py training: `LlamaForCausalLM.from_pretrained`,
             `get_peft_model(LoraConfig(..., modules_to_save=...))`, the plain HF `Trainer` with
             `default_data_collator`; the loss is the model's own (full `block x vocab` logits)
-  zhtrain   `zhtrain pretrain` with the same flags (its defaults: chunked lm_head loss, ...)
+  zhtrain   `zhtrain pretrain` with the same flags (its defaults: chunked lm_head loss,
+            OMP_WAIT_POLICY=PASSIVE, threads = cores)
+  baseline-passive  the baseline with OMP_WAIT_POLICY=PASSIVE: separates the thread policy (which
+            matters when other work shares the cores) from the loss
 
 Both read the same token blocks (zhtrain's cache of People's Daily text, built once before the
 runs) in the same order with the same seed, so their loss curves must agree. Each run is a fresh
@@ -28,7 +31,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, build_corpus, chinese_llama_tokenizer, gb, median, run_child, write_json  # noqa: E402
+from common import ENV, OUT, build_corpus, chinese_llama_tokenizer, gb, median, run_child, write_json  # noqa: E402
 
 BLOCK = 512
 SEED = 42
@@ -133,10 +136,14 @@ def run_trial(kind: str, paths, steps: int) -> dict:
     tokenizer, model, data, cache = paths
     out = OUT / "scratch-train"
     shutil.rmtree(out, ignore_errors=True)
-    code = {"baseline": BASELINE, "zhtrain": ZHTRAIN, "zhtrain-plain": ZHTRAIN}[kind]
+    code = {"baseline": BASELINE, "baseline-passive": BASELINE, "zhtrain": ZHTRAIN, "zhtrain-plain": ZHTRAIN}[kind]
     extra = ["--chunked_loss", "False"] if kind == "zhtrain-plain" else []
+    # zhtrain sets OMP_WAIT_POLICY=PASSIVE for itself; the baseline runs with the user's environment,
+    # and baseline-passive with that one setting, to separate the thread policy from the rest.
+    env = dict(ENV, OMP_WAIT_POLICY="PASSIVE") if kind == "baseline-passive" else ENV
     try:
-        result = run_child(code, [str(model), str(tokenizer), str(data), str(cache), str(out), str(steps), str(SEED), json.dumps(LORA), *extra])
+        result = run_child(code, [str(model), str(tokenizer), str(data), str(cache), str(out), str(steps), str(SEED), json.dumps(LORA), *extra],
+                           env=env)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     result["tokens_per_s"] = result["steps"] * BLOCK / result["seconds"] if result["seconds"] else float("nan")
@@ -147,7 +154,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--kinds", default="baseline,zhtrain", help="also: zhtrain-plain (zhtrain with --chunked_loss False)")
+    parser.add_argument("--kinds", default="baseline,zhtrain,baseline-passive",
+                        help="baseline, zhtrain, baseline-passive (the baseline with OMP_WAIT_POLICY=PASSIVE, as zhtrain "
+                             "sets it); also zhtrain-plain (zhtrain with --chunked_loss False)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     kinds = args.kinds.split(",")

@@ -26,6 +26,7 @@ OUT = REPO / "benchmarks" / "out"
 SHARED = REPO.parent / "shared" / "data"
 MB = 2**20
 # Children get the user's defaults (e.g. tokenizers' own threads on), not a test suite's settings.
+# Taken when this module is imported, before zhtrain (which sets OMP_WAIT_POLICY for itself) is.
 ENV = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"} | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
 
 
