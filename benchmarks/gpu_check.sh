@@ -9,10 +9,17 @@
 #   GPU_CHECK_DIR=/scratch/x bash ...              # keep the work folder (default: a temp folder)
 #
 # Needs torch (CUDA), transformers, peft, accelerate, sentencepiece, safetensors and deepspeed; zhtrain is taken
-# from this checkout (src/). On a machine that cannot reach a package index, bring deepspeed as wheels
-# (`pip wheel --no-deps deepspeed==0.19.8 hjson pydantic ...` elsewhere) and install them first.
+# from this checkout (src/). On a machine that cannot reach a package index (an image with torch and transformers
+# but no deepspeed, say), bring wheels made elsewhere and point GPU_CHECK_WHEELS at their folder:
+#   pip wheel --no-deps -w .whl deepspeed==0.19.8     # an sdist: this builds a pure-Python wheel
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl \
+#       hjson pydantic pydantic-core annotated-types typing-inspection   # versions matching each other
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ -n "${GPU_CHECK_WHEELS:-}" ]; then
+    "${PYTHON:-python3}" -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu_check_site "$GPU_CHECK_WHEELS"/*.whl
+    export PYTHONPATH="/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
     if [ -x .venv/bin/python ]; then PY="$PWD/.venv/bin/python"; else PY=python3; fi
