@@ -31,6 +31,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 Encoder = Callable[[list[str]], list[list[int]]]
+MAX_SCANNED_ADDED_TOKENS = 256
 
 # Strings on which a fast path must agree with the HF tokenizer before it is used.
 AWKWARD_LINES = (
@@ -134,8 +135,10 @@ def candidate_encoders(tokenizer, threads: int) -> list:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     fast = [TokenizersEncoder(backend)] if backend is not None else []
     model_file = sentencepiece_model_of(tokenizer)
-    if model_file is not None:
-        added = list(tokenizer.get_added_vocab())
+    added = list(tokenizer.get_added_vocab()) if model_file is not None else []
+    # Each added token's text is searched for in every batch: with thousands of them (a vocabulary
+    # grown by add_tokens) that scan costs more than sentencepiece saves, so keep the HF backend.
+    if model_file is not None and len(added) <= MAX_SCANNED_ADDED_TOKENS:
         fallback = fast[0] if fast else hf_encoder(tokenizer)
         fast.insert(0, SentencePieceEncoder(model_file, added, fallback, threads))
     return fast
