@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from transformers import set_seed
 
 from zhtrain.args import LoraArguments, ModelArguments, ZhtrainTrainingArguments, parse_args
 from zhtrain.data.text import load_text_blocks
-from zhtrain.distributed import data_first, explain_lost_peer, prepare_deepspeed
+from zhtrain.distributed import data_first, explain_lost_peer
 from zhtrain.errors import ZhtrainError, run_command
 from zhtrain.model import (
     apply_lora,
@@ -41,6 +40,8 @@ from zhtrain.model import (
 )
 from zhtrain.report import ThroughputCallback, build_report, summary_line, write_report
 from zhtrain.train import (
+    RunResult,
+    start_run,
     SaveAdapterCallback,
     build_trainer,
     check_writable,
@@ -48,8 +49,6 @@ from zhtrain.train import (
     finish_from_checkpoint,
     finished_checkpoint,
     prepare_output_dir,
-    set_cpu_threads,
-    setup_logging,
 )
 from zhtrain.vocab import check_vocab_pair, model_vocab_size
 
@@ -154,23 +153,11 @@ def choose_block_size(requested: Optional[int], config) -> int:
     return requested
 
 
-@dataclass
-class RunResult:
-    metrics: dict
-    trainer: object = None  # the HF Trainer (None with --preprocess_only)
-
-
 def pretrain(model_args, data_args, lora_args, training_args) -> RunResult:
     """The Stage-2 recipe. Returns the final metrics and the trainer (its model is the trained PeftModel)."""
     started = time.perf_counter()
-    setup_logging(training_args)
-    for note in training_args.compat_notes:
-        logger.warning(note)
-    threads = set_cpu_threads()
-    prepare_deepspeed(training_args)  # before any model is built: ZeRO-3 partitions weights as they are created
-    set_seed(training_args.seed)
+    start_run(training_args, logger)
     on_gpu = torch.cuda.is_available()
-    logger.info("world size %d, %d CPU threads per process, device %s", training_args.world_size, threads, training_args.device)
 
     # 1. Check everything that can be checked before the slow steps.
     config = load_config(model_args)

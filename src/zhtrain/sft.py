@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from transformers import TrainerCallback, set_seed
+from transformers import TrainerCallback
 
 from zhtrain import fsdp
 from zhtrain.args import LoraArguments, ModelArguments, ZhtrainTrainingArguments, parse_args
@@ -43,19 +43,19 @@ from zhtrain.data.supervised import (
     write_preprocessed,
 )
 from zhtrain.data.templates import get_template, save_template
-from zhtrain.distributed import explain_lost_peer, prepare_deepspeed
+from zhtrain.distributed import explain_lost_peer
 from zhtrain.errors import ZhtrainError, run_command
 from zhtrain.model import apply_lora, cast_trainable_to_fp32, count_parameters, load_base_model, load_config, load_tokenizer, sentencepiece_file
 from zhtrain.report import ThroughputCallback, build_report, summary_line, write_report
 from zhtrain.train import (
+    RunResult,
+    start_run,
     SaveAdapterCallback,
     build_trainer,
     explain_disk_full,
     finish_from_checkpoint,
     finished_checkpoint,
     prepare_output_dir,
-    set_cpu_threads,
-    setup_logging,
 )
 from zhtrain.vocab import SEED_VOCAB_SIZES, model_vocab_size, resize_embeddings, untie_embeddings
 
@@ -110,23 +110,11 @@ def parse_sft_args(argv=None):
     return parse_args(ARGUMENT_GROUPS, argv, prog="zhtrain sft")
 
 
-@dataclass
-class RunResult:
-    metrics: dict
-    trainer: object = None
-
-
 def sft(model_args, data_args, lora_args, training_args) -> RunResult:
     """The SFT recipe. Returns the metrics and the trainer (None with --preprocess_only)."""
     run_started = time.perf_counter()
-    setup_logging(training_args)
-    for note in training_args.compat_notes:
-        logger.warning(note)
-    threads = set_cpu_threads()
-    prepare_deepspeed(training_args)  # before any model is built: ZeRO-3 partitions weights as they are created
-    set_seed(training_args.seed)
+    start_run(training_args, logger)
     on_gpu = torch.cuda.is_available()
-    logger.info("world size %d, %d CPU threads per process, device %s", training_args.world_size, threads, training_args.device)
 
     # 1. Template, tokenizer, data: everything checkable before the model loads.
     template = get_template(data_args.template or ("alpaca" if data_args.dataset_dir else "vicuna_v1.1"))

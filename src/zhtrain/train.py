@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+from dataclasses import dataclass
 import logging
 import math
 import os
@@ -263,6 +264,30 @@ def build_trainer(model, training_args, train_dataset, eval_dataset, tokenizer, 
 
 # ---------------------------------------------------------------------------------------------
 # Process setup
+
+
+@dataclass
+class RunResult:
+    """What a training command returns: its metrics and the HF Trainer (None with --preprocess_only)."""
+
+    metrics: dict
+    trainer: object = None
+
+
+def start_run(training_args, log: logging.Logger) -> int:
+    """The prologue every training command shares: logging, notes, threads, DeepSpeed, seed."""
+    from transformers import set_seed
+
+    from zhtrain.distributed import prepare_deepspeed
+
+    setup_logging(training_args)
+    for note in training_args.compat_notes:
+        log.warning(note)
+    threads = set_cpu_threads()
+    prepare_deepspeed(training_args)  # before any model is built: ZeRO-3 partitions weights as they are created
+    set_seed(training_args.seed)
+    log.info("world size %d, %d CPU threads per process, device %s", training_args.world_size, threads, training_args.device)
+    return threads
 
 
 def set_cpu_threads() -> int:
