@@ -35,7 +35,7 @@ def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--new_tokens", type=int, default=3000, help="tokens to learn (default: %(default)s)")
     parser.add_argument("--train_lines", type=int, default=2000, help="corpus lines to learn tokens and train on (default: %(default)s)")
-    parser.add_argument("--eval_lines", type=int, default=24, help="held-out lines from the end of the corpus (default: %(default)s)")
+    parser.add_argument("--eval_lines", type=int, default=16, help="held-out lines from the end of the corpus (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=10, help="Stage-1 steps per init (default: %(default)s)")
     parser.add_argument("--learning_rate", type=float, default=1e-3, help="Stage-1 learning rate, constant (default: %(default)s)")
     parser.add_argument("--block_size", type=int, default=256)

@@ -185,8 +185,8 @@ def describe_cost(args: InspectArguments, config, size: int) -> dict:
     if tied and "lm_head" in saved:
         total += size * hidden  # training lm_head unties it: a second matrix
     show("Stage 2", f"LoRA r={args.lora_rank} on {','.join(targets)} + {','.join(saved) or 'nothing'} in full: "
-         f"{stage2 / 1e6:,.1f} M trainable of {total / 1e6:,.1f} M; {memory(stage2)}")
-    show("Stage 1", f"--training_stage embeddings (embed_tokens + lm_head): {stage1 / 1e6:,.1f} M trainable; {memory(stage1)}")
+         f"{stage2:,} trainable of {total:,} parameters; {memory(stage2)}")
+    show("Stage 1", f"--training_stage embeddings (embed_tokens + lm_head): {stage1:,} trainable; {memory(stage1)}")
     show("", "under --fp16/--bf16 add 4 bytes per trainable parameter (fp32 master weights); --train_new_rows_only "
          "trains fewer rows, but gradients and optimizer states still span the whole matrices")
     return {"total": total, "stage2_trainable": stage2, "stage1_trainable": stage1, "lora": lora}

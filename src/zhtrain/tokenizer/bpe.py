@@ -160,6 +160,6 @@ def check_extension(base_spec: dict, tokenizer, learned: LearnedTokens) -> None:
 
 
 def readable(tokenizer, tokens: Sequence[str], limit: int = 12) -> str:
-    """A few new tokens as text, for the log."""
-    ids = tokenizer.convert_tokens_to_ids(list(tokens[:limit]))
-    return " ".join(tokenizer.decode([i]) for i in ids)
+    """The first new tokens that are whole characters as text, for the log (partial UTF-8 ones print as �)."""
+    texts = (tokenizer.decode([i]) for i in tokenizer.convert_tokens_to_ids(list(tokens[: limit * 4])))
+    return " ".join([text for text in texts if "\ufffd" not in text][:limit])
