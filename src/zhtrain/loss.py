@@ -78,8 +78,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.saved_tensors
         want_hidden_grad, want_weight_grad = ctx.has
-        dh = grad_hidden * grad_total.to(grad_hidden.dtype) if want_hidden_grad else None
-        dw = (grad_weight * grad_total).to(ctx.weight_dtype) if want_weight_grad else None
+        # grad_total is 1 unless the loss was scaled (fp16 loss scaling, ...): then no vocab-sized copy.
+        unscaled = bool(grad_total == 1)
+        dh = (grad_hidden if unscaled else grad_hidden * grad_total.to(grad_hidden.dtype)) if want_hidden_grad else None
+        dw = (grad_weight if unscaled else grad_weight * grad_total).to(ctx.weight_dtype) if want_weight_grad else None
         return dh, dw, None, None
 
 
