@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures import CHARS, make_lines
+from fixtures import CHARS
 
 from zhtrain.errors import ZhtrainError
 from zhtrain.tokenizer import main as tokenizer_main

@@ -369,6 +369,8 @@ def report(result: DemoResult) -> None:
     say(
         f"validation perplexity: {result.perplexity_before:.2f} before -> {result.perplexity_after:.2f} after "
         f"{result.steps} steps ({'-' if drop >= 0 else '+'}{abs(drop):.2f}, {-percent:+.1f}%)"
+        + (" (per token of the extended tokenizer: one token now spells ~2x the text, so not comparable "
+           "with SmolLM2's own perplexity; bits per character are)" if vocabulary.get("tokens_per_character") else "")
     )
     if result.merged:
         merged = result.merged
