@@ -236,6 +236,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "zhtrain", "tokenizer", *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow  # a fresh interpreter importing transformers
 def test_cli_reports_a_bad_model_file_in_one_line(tmp_path, sp_tokenizer_dir):
     bogus = tmp_path / "chinese_sp.model"
     bogus.write_bytes(b"this is not a sentencepiece model\n" * 20)
