@@ -13,7 +13,7 @@ without its Python-side overhead:
 Either is used only after it matched `tokenizer(line, add_special_tokens=False)` token for token
 on a built-in set of awkward strings plus a sample of the data (`choose_encoder`). When it does not
 match, the next path is tried and the log says why. Known case: for a SentencePiece BPE model whose
-appended pieces share one score (the Chinese-LLaMA merge gives 21k pieces score 0) the `tokenizers`
+appended pieces share one score (the Chinese-LLaMA merge appends 17,953 pieces, all score 0) the `tokenizers`
 conversion breaks ties differently from SentencePiece, so the HF ids differ from sentencepiece's
 and the HF path is kept.
 """
