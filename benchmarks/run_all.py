@@ -216,7 +216,7 @@ def render(info, report, commands, durations, total, started, quick) -> str:
 
 
 P1_NOTE = """The 49953-piece tokenizer's HF (`tokenizers`) ids differ from its own `tokenizer.model`'s on 37% of
-People's Daily lines (its 21k appended pieces share score 0; sentencepiece breaks ties by position,
+People's Daily lines (its 17,953 appended pieces share score 0; sentencepiece breaks ties by position,
 a converted BPE by merge rank), so zhtrain's exact default path for it is the `tokenizers` backend in
 one process per core, not sentencepiece. `zhtrain-sp` is the same pipeline with sentencepiece's ids
 forced: it shows the pipeline's own cost next to raw sentencepiece; with a tokenizer whose HF ids are
