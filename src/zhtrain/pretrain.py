@@ -23,7 +23,7 @@ import torch
 
 from zhtrain.args import LoraArguments, ModelArguments, ZhtrainTrainingArguments, parse_args
 from zhtrain.data.text import load_text_blocks
-from zhtrain.distributed import data_first, explain_lost_peer
+from zhtrain.distributed import data_first
 from zhtrain.errors import ZhtrainError, run_command
 from zhtrain.model import (
     apply_lora,
@@ -40,12 +40,13 @@ from zhtrain.model import (
 )
 from zhtrain.report import ThroughputCallback, build_report, summary_line, write_report
 from zhtrain.train import (
+    evaluate_and_log,
+    train_and_log,
     RunResult,
     start_run,
     SaveAdapterCallback,
     build_trainer,
     check_writable,
-    explain_disk_full,
     finish_from_checkpoint,
     finished_checkpoint,
     prepare_output_dir,
@@ -221,23 +222,11 @@ def pretrain(model_args, data_args, lora_args, training_args) -> RunResult:
     if training_args.do_train and finished_checkpoint(resume_from, training_args):
         finish_from_checkpoint(trainer, resume_from, "pt_lora_model", tokenizer, sentencepiece_file(model_args.tokenizer_name_or_path))
     elif training_args.do_train:
-        with explain_lost_peer(training_args), explain_disk_full(training_args.output_dir):
-            result = trainer.train(resume_from_checkpoint=resume_from)
-        # A misconfigured distributed run trains one copy per rank silently: say what actually ran.
-        logger.info("trained with engine %s, world size %d", type(trainer.model_wrapped).__name__, training_args.world_size)
-        train_metrics = dict(result.metrics, train_samples=len(train_data))
-        trainer.log_metrics("train", train_metrics)
-        trainer.save_metrics("train", train_metrics)
-        trainer.save_state()
-        metrics.update(train_metrics)
+        metrics.update(train_and_log(trainer, training_args, resume_from, len(train_data)))
     if training_args.do_eval:
         if eval_data is None:
             raise ZhtrainError("--do_eval needs validation blocks: set --validation_split_percentage above 0")
-        eval_metrics = trainer.evaluate()
-        eval_metrics["eval_samples"] = len(eval_data)
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-        metrics.update(eval_metrics)
+        metrics.update(evaluate_and_log(trainer, len(eval_data)))
     # 5. Report: report.json / report.md / loss.png, and one summary line.
     if training_args.should_save:
         tokens_per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size * block_size

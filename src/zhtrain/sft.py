@@ -43,16 +43,16 @@ from zhtrain.data.supervised import (
     write_preprocessed,
 )
 from zhtrain.data.templates import get_template, save_template
-from zhtrain.distributed import explain_lost_peer
 from zhtrain.errors import ZhtrainError, run_command
 from zhtrain.model import apply_lora, cast_trainable_to_fp32, count_parameters, load_base_model, load_config, load_tokenizer, sentencepiece_file
 from zhtrain.report import ThroughputCallback, build_report, summary_line, write_report
 from zhtrain.train import (
+    evaluate_and_log,
+    train_and_log,
     RunResult,
     start_run,
     SaveAdapterCallback,
     build_trainer,
-    explain_disk_full,
     finish_from_checkpoint,
     finished_checkpoint,
     prepare_output_dir,
@@ -199,17 +199,12 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
     do_train = training_args.do_train or not training_args.do_eval
     trainer = build_trainer(model, training_args, train_data if do_train else None, eval_data, tokenizer, callbacks, collator)
     metrics: dict = {"trainable_parameters": trainable, "resumed_from": resume_from, "template": template.name}
-    metrics.update({f"{name}_{key}": value for name, s in summaries.items() for key, value in vars(s).items() if key != "reasons"})
+    data_summaries = {name: {k: v for k, v in vars(s).items() if k != "reasons"} for name, s in summaries.items()}
+    metrics.update({f"{name}_{key}": value for name, summary in data_summaries.items() for key, value in summary.items()})
     if do_train and lora_args.use_lora and finished_checkpoint(resume_from, training_args):
         finish_from_checkpoint(trainer, resume_from, "sft_lora_model", tokenizer, sp_model)  # a rerun changes nothing
     elif do_train:
-        with explain_lost_peer(training_args), explain_disk_full(training_args.output_dir):
-            result = trainer.train(resume_from_checkpoint=resume_from)
-        logger.info("trained with engine %s, world size %d", type(trainer.model_wrapped).__name__, training_args.world_size)
-        train_metrics = dict(result.metrics, train_samples=len(train_data))
-        trainer.log_metrics("train", train_metrics)
-        trainer.save_metrics("train", train_metrics)
-        trainer.save_state()
+        train_metrics = train_and_log(trainer, training_args, resume_from, len(train_data))
         metrics.update(train_metrics, world_size=training_args.world_size, engine=type(trainer.model_wrapped).__name__)
         if not lora_args.use_lora:
             # A collective: every rank takes part in the gather, rank 0 writes.
@@ -217,15 +212,11 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
             if training_args.should_save:
                 save_template(training_args.output_dir, template.name, data_args.system_prompt)
     if training_args.do_eval:
-        eval_metrics = trainer.evaluate()
-        eval_metrics["eval_samples"] = len(eval_data)
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-        metrics.update(eval_metrics)
+        metrics.update(evaluate_and_log(trainer, len(eval_data)))
     if training_args.should_save:  # report.md / report.json / loss.png and the summary line
         where = Path(training_args.output_dir) / ("sft_lora_model" if lora_args.use_lora else "")
         report = build_report(
-            "sft", trainer, {name: {k: v for k, v in vars(s).items() if k != "reasons"} for name, s in summaries.items()},
+            "sft", trainer, data_summaries,
             vocabulary={"model": model_vocab_size(config), "tokenizer": len(tokenizer), "template": template.name},
             parameters=(trainable, total), throughput=throughput,
             extra={"resumed_from": resume_from, ("adapter" if lora_args.use_lora else "model"): str(where) if do_train else None},

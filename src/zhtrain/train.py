@@ -274,6 +274,29 @@ class RunResult:
     trainer: object = None
 
 
+def train_and_log(trainer, training_args, resume_from, train_samples: int) -> dict:
+    """trainer.train with the lost-peer / full-disk sentences; logs and saves the train metrics."""
+    from zhtrain.distributed import explain_lost_peer
+
+    with explain_lost_peer(training_args), explain_disk_full(training_args.output_dir):
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    # A misconfigured distributed run trains one copy per rank silently: say what actually ran.
+    logger.info("trained with engine %s, world size %d", type(trainer.model_wrapped).__name__, training_args.world_size)
+    train_metrics = dict(result.metrics, train_samples=train_samples)
+    trainer.log_metrics("train", train_metrics)
+    trainer.save_metrics("train", train_metrics)
+    trainer.save_state()
+    return train_metrics
+
+
+def evaluate_and_log(trainer, eval_samples: int) -> dict:
+    eval_metrics = trainer.evaluate()
+    eval_metrics["eval_samples"] = eval_samples
+    trainer.log_metrics("eval", eval_metrics)
+    trainer.save_metrics("eval", eval_metrics)
+    return eval_metrics
+
+
 def start_run(training_args, log: logging.Logger) -> int:
     """The prologue every training command shares: logging, notes, threads, DeepSpeed, seed."""
     from transformers import set_seed
