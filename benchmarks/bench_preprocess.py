@@ -3,14 +3,17 @@
 P1. The same file of real Chinese text (People's Daily 1998-01, reshuffled and repeated to the
 size asked) is turned into cached training blocks by:
 
-  baseline  the seed's recipe (run_clm_pt_with_peft.py): `load_dataset("text")`, `datasets.map` of
-            the HF tokenizer per line (batched, num_proc = workers), `group_texts` per 1000-line
+  baseline  the seed's recipe (run_clm_pt_with_peft.py): the slow `LlamaTokenizer` (in
+            transformers 5, which dropped it: zhtrain's SentencePieceLlamaTokenizer, the same
+            sentencepiece-backed Python tokenizer and ids), `load_dataset("text")`, `datasets.map`
+            of the tokenizer per line (batched, num_proc = workers), `group_texts` per 1000-line
             batch into blocks of 512, `save_to_disk`, `train_test_split`
+  baseline-fast  the same recipe with transformers 5's AutoTokenizer (the `tokenizers` conversion,
+            faster than the seed's tokenizer; on the Chinese merge its ids differ from the seed's
+            on about a third of lines, see zhtrain/sp_tokenizer.py)
   zhtrain   `zhtrain.data.text.load_text_blocks` (what `zhtrain pretrain --preprocess_only` runs),
-            `workers` processes, cache rebuilt from scratch, its default (exact) tokenization path
-  zhtrain-sp  the same pipeline with sentencepiece's ids forced: for the merged Chinese tokenizer
-            they differ from the HF tokenizer's (see data/encoders.py), so zhtrain does not use
-            them by default; the row shows the pipeline's cost over raw sentencepiece
+            `workers` processes, cache rebuilt from scratch, its default (exact) tokenization path:
+            raw sentencepiece, checked against the tokenizer's own ids at run time
   raw       `sentencepiece.encode` of the same lines, already in memory, on all cores (the better
             of its own threads and one process per core): the practical limit the fast path is
             measured against (ids counted, not written anywhere)
@@ -42,8 +45,12 @@ import datasets
 from datasets import load_dataset
 from transformers import AutoTokenizer
 datasets.disable_progress_bars()
-tokenizer_dir, data_file, cache, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+tokenizer_dir, data_file, cache, workers, which = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+if which == "slow":  # the seed's LlamaTokenizer: sentencepiece behind the Python tokenizer API
+    from zhtrain.sp_tokenizer import SentencePieceLlamaTokenizer
+    tokenizer = SentencePieceLlamaTokenizer.from_pretrained(tokenizer_dir)
+else:
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 block_size = 512
 
 def tokenize_function(examples):
@@ -84,16 +91,10 @@ class Catch(logging.Handler):
         if message.startswith(("tokenizing with", "not tokenizing with")):
             chosen.append(message)
 logging.getLogger("zhtrain").addHandler(Catch()); logging.getLogger("zhtrain").setLevel(logging.INFO)
-tokenizer = load_tokenizer(tokenizer_dir)
-encoder = None
-if mode == "sp":  # forced: sentencepiece's own ids, even where the HF tokenizer's differ
-    from zhtrain.data.encoders import SentencePieceEncoder, TokenizersEncoder, cpu_count, sentencepiece_model_of
-    encoder = SentencePieceEncoder(sentencepiece_model_of(tokenizer), list(tokenizer.get_added_vocab()),
-                                   TokenizersEncoder(tokenizer.backend_tokenizer), threads=cpu_count())
-    chosen.append("forced: sentencepiece")
+tokenizer = load_tokenizer(tokenizer_dir, backend="tokenizers" if mode == "tok" else "auto")
 start = time.perf_counter()
 train, evaluation, stats = load_text_blocks(data_dir, tokenizer, 512, cache, 0.001, workers=workers, overwrite_cache=True,
-                                            show_progress=False, fast_tokenization=mode != "hf", encoder=encoder)
+                                            show_progress=False, fast_tokenization=mode != "hf")
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "tokens": stats.tokens, "blocks": stats.train_blocks + stats.eval_blocks, "encoder": chosen}))
 """
@@ -134,12 +135,12 @@ def run_trial(kind: str, tokenizer: Path, corpus: Path, workers: int, scratch: P
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     try:
-        if kind == "baseline":
-            result = run_child(BASELINE, [str(tokenizer), str(corpus), str(scratch), str(workers)])
+        if kind in ("baseline", "baseline-fast"):
+            result = run_child(BASELINE, [str(tokenizer), str(corpus), str(scratch), str(workers), "slow" if kind == "baseline" else "fast"])
         elif kind == "raw":
             result = run_child(RAW, [str(tokenizer / "tokenizer.model"), str(corpus)])
         else:
-            mode = {"zhtrain-hf": "hf", "zhtrain-sp": "sp"}.get(kind, "auto")
+            mode = {"zhtrain-hf": "hf", "zhtrain-tok": "tok"}.get(kind, "auto")
             n = 1 if kind == "zhtrain-1proc" else workers
             result = run_child(ZHTRAIN, [str(tokenizer), str(corpus.parent), str(scratch), str(n), mode])
     finally:
@@ -222,9 +223,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--mb", type=float, default=50, help="P1 corpus size in MB")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--kinds", default="baseline,zhtrain,zhtrain-sp,raw",
-                        help="baseline, zhtrain (default paths), zhtrain-sp (sentencepiece ids forced), raw; also zhtrain-1proc "
-                             "(one process, the tokenizer's threads), zhtrain-hf (--fast_tokenization False)")
+    parser.add_argument("--kinds", default="baseline,baseline-fast,zhtrain,raw",
+                        help="baseline (the seed's slow tokenizer), baseline-fast (AutoTokenizer), zhtrain (default paths), raw; "
+                             "also zhtrain-1proc (one process), zhtrain-hf (--fast_tokenization False), zhtrain-tok "
+                             "(--tokenizer_backend tokenizers: transformers 5's ids)")
     parser.add_argument("--p2-sizes", type=float, nargs="*", default=[100, 500, 1000], help="MB; none to skip P2")
     parser.add_argument("--p2-tokenizer", choices=["chinese", "llama"], default=None, help="default: --tokenizer")
     parser.add_argument("--json", default=None)

@@ -8,16 +8,19 @@ trained in full (`modules_to_save`), block 512, batch 1, the seed's run_pt.sh op
   baseline  the seed's run_clm_pt_with_peft.py training: `LlamaForCausalLM.from_pretrained`,
             `get_peft_model(LoraConfig(..., modules_to_save=...))`, the plain HF `Trainer` with
             `default_data_collator`; the loss is the model's own (full `block x vocab` logits)
-  zhtrain   `zhtrain pretrain` with the same flags (its defaults: chunked lm_head loss,
-            OMP_WAIT_POLICY=PASSIVE, threads = cores)
+  zhtrain   `zhtrain pretrain` with the same flags, its defaults: the chunked lm_head loss (no
+            block x vocab logits), PEFT's frozen originals of embed_tokens/lm_head sharing the
+            trained weights, OMP_WAIT_POLICY=PASSIVE, threads = cores
   baseline-passive  the baseline with OMP_WAIT_POLICY=PASSIVE: separates the thread policy (which
-            matters when other work shares the cores) from the loss
+            matters when other work shares the cores) from the rest
 
 Both read the same token blocks (zhtrain's cache of People's Daily text, built once before the
 runs) in the same order with the same seed, so their loss curves must agree. Each run is a fresh
 child process; runs alternate; tokens/s is steps x 512 / seconds from the first step's start to
 the last step's end (zhtrain.report.ThroughputCallback in both); peak memory is the child's whole
-process, sampled (PSS and RSS).
+process, sampled (PSS and RSS). A process that only imports torch/transformers/peft/zhtrain is
+measured in each round too: the peak above it is the training's own memory (weights, gradients,
+AdamW states, activations, the loss), which is what the two recipes differ in.
 
     python benchmarks/bench_train.py --steps 30 --repeats 2
 """
@@ -47,14 +50,17 @@ BASELINE = r"""
 import json, sys
 import torch
 from peft import LoraConfig, TaskType, get_peft_model
-from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainingArguments, default_data_collator, set_seed
+from transformers import LlamaForCausalLM, Trainer, TrainingArguments, default_data_collator, set_seed
 from zhtrain.data.text import load_text_blocks
+from zhtrain.model import load_tokenizer
 from zhtrain.report import ThroughputCallback
 model_dir, tokenizer_dir, data_dir, cache, out, steps, seed, lora = sys.argv[1:9]
 lora = json.loads(lora)
 set_seed(int(seed))
 torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
-tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+# The tokenizer as zhtrain loads it, so that both read the same cached blocks (the seed's slow
+# LlamaTokenizer ids); tokenizing is not part of this measurement.
+tokenizer = load_tokenizer(tokenizer_dir)
 train, _, _ = load_text_blocks(data_dir, tokenizer, 512, cache, 0.001, show_progress=False)  # the same blocks as zhtrain
 model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # --torch_dtype float16: fp32 on CPU
 model.resize_token_embeddings(len(tokenizer))
@@ -161,16 +167,18 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     kinds = args.kinds.split(",")
     paths = prepare()
-    imports = run_child(IMPORTS_ONLY, [])
     runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
+    imports: list[int] = []
     for r in range(args.repeats):
+        imports.append(run_child(IMPORTS_ONLY, [])["peak_pss"])  # shared pages' PSS moves with what else runs
         for kind in kinds if r % 2 == 0 else kinds[::-1]:
             result = run_trial(kind, paths, args.steps)
             runs[kind].append(result)
-            print(f"  P3 run {r + 1}/{args.repeats} {kind:<13} {result['steps']} steps {result['seconds']:6.1f}s  "
+            print(f"  P3 run {r + 1}/{args.repeats} {kind:<16} {result['steps']} steps {result['seconds']:6.1f}s  "
                   f"{result['tokens_per_s']:7.0f} tokens/s  peak {gb(result['peak_pss'])} PSS / {gb(result['peak_rss'])} RSS  "
                   f"[{result['trainer']}]", flush=True)
-    report = {"steps": args.steps, "repeats": args.repeats, "imports_only_pss": imports["peak_pss"], "kinds": {}}
+    report = {"steps": args.steps, "repeats": args.repeats, "imports_only_pss": median(imports), "imports_only_runs": imports,
+              "kinds": {}}
     for kind, rs in runs.items():
         report["kinds"][kind] = {
             "tokens_per_s": median(r["tokens_per_s"] for r in rs),
@@ -191,17 +199,26 @@ def max_loss_gap(a: list[float], b: list[float], n: int = 20) -> float:
 
 
 def print_report(report: dict) -> None:
+    """One table, every path beside the baseline: P3 (tokens/s) and P4 (peak PSS, whole process and
+    above the import-only process), with the largest loss gap of the first 20 steps."""
     kinds = report["kinds"]
     base = kinds.get("baseline")
+    imports = report["imports_only_pss"]
+    nan = float("nan")
     print(f"\nP3/P4 pre-training, LLaMA 4x256, vocab 49953, LoRA r8 + embed/lm_head trained, block {BLOCK}, "
           f"{report['steps']} steps, median of {report['repeats']}:")
-    print(f"  {'path':<14} {'tokens/s':>9} {'x baseline':>10} {'peak PSS':>9} {'x baseline':>10} {'peak RSS':>9}  loss gap (first 20 steps)")
+    print(f"  {'path':<16} {'tokens/s':>8} {'P3 x base':>9} | {'peak PSS':>8} {'P4 x base':>9} | {'above imports':>13} "
+          f"{'x base':>6} | {'peak RSS':>8} | loss gap (first 20 steps)")
     for kind, s in kinds.items():
-        speed = s["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
-        memory = s["peak_pss"] / base["peak_pss"] if base else float("nan")
-        gap = max_loss_gap(s["losses"], base["losses"]) if base else float("nan")
-        print(f"  {kind:<14} {s['tokens_per_s']:9.0f} {speed:9.2f}x {gb(s['peak_pss']):>9} {memory:9.2f}x {gb(s['peak_rss']):>9}  {gap:.2e}")
-    print(f"  (a process that only imports torch/transformers/peft/zhtrain: {gb(report['imports_only_pss'])} PSS)")
+        speed = s["tokens_per_s"] / base["tokens_per_s"] if base else nan
+        memory = s["peak_pss"] / base["peak_pss"] if base else nan
+        own = s["peak_pss"] - imports
+        own_ratio = own / (base["peak_pss"] - imports) if base else nan
+        gap = max_loss_gap(s["losses"], base["losses"]) if base else nan
+        print(f"  {kind:<16} {s['tokens_per_s']:8.0f} {speed:8.2f}x | {gb(s['peak_pss']):>8} {memory:8.2f}x | "
+              f"{gb(own):>13} {own_ratio:5.2f}x | {gb(s['peak_rss']):>8} | {gap:.2e}")
+    print(f"  (import-only process, torch/transformers/peft/zhtrain: {gb(imports)} PSS; 'above imports' = peak PSS minus that: "
+          "the training's own memory)")
 
 
 if __name__ == "__main__":

@@ -297,7 +297,7 @@ def test_catalogue_size():
 def tiny_disk(tmp_path):
     mount_point = tmp_path / "disk"
     mount_point.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(mount_point)], capture_output=True, text=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount_point)], capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({proc.stderr.strip() or 'mount failed'}): full-disk case not run")
     yield mount_point

@@ -81,7 +81,8 @@ def test_added_tokens_in_text_follow_the_hf_tokenizer(tmp_path, sp_tokenizer_dir
 
 
 def test_a_mismatching_fast_path_is_not_used(tmp_path, sp_tokenizer_dir, caplog):
-    """A tokenizer.model that does not give the HF ids (here: another model) is detected and skipped."""
+    """A tokenizer.model that does not give the HF tokenizer's ids (here: another model beside the fixture's
+    tokenizer.json, loaded with --tokenizer_backend tokenizers) is detected and skipped."""
     import sentencepiece as spm
 
     from fixtures import make_lines
@@ -93,7 +94,7 @@ def test_a_mismatching_fast_path_is_not_used(tmp_path, sp_tokenizer_dir, caplog)
         model_type="bpe", byte_fallback=True, character_coverage=1.0, minloglevel=2,
     )
     shutil.copyfile(tmp_path / "other.model", folder / "tokenizer.model")
-    mismatched = load_tokenizer(str(folder))
+    mismatched = load_tokenizer(str(folder), backend="tokenizers")
     data = tmp_path / "d"
     data.mkdir()
     (data / "a.txt").write_text(VARIED_TEXT, encoding="utf-8")
@@ -146,9 +147,10 @@ def test_real_llama_tokenizer_fast_path_on_real_chinese(tmp_path, caplog):
     assert encoder(lines) == llama(lines, add_special_tokens=False)["input_ids"]
 
 
-def test_tokenizers_path_equals_hf_call(tokenizer):
+def test_tokenizers_path_equals_hf_call(sp_tokenizer_dir):
     from fixtures import make_lines
 
+    tokenizer = load_tokenizer(str(sp_tokenizer_dir), backend="tokenizers")
     lines = make_lines(50) + ["  spaced  out ", "😀 𠀀"]
     assert TokenizersEncoder(tokenizer.backend_tokenizer)(lines) == tokenizer(lines, add_special_tokens=False)["input_ids"]
 

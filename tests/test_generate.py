@@ -68,11 +68,10 @@ def load_model_dir(folder):
 
 
 def test_with_prompt_uses_the_template_table(models, tmp_path):
-    from transformers import AutoTokenizer
-
     from zhtrain.data.templates import get_template, save_template
+    from zhtrain.model import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(models["merged"]))
+    tokenizer = load_tokenizer(str(models["merged"]))  # what generate uses: sentencepiece for a LLaMA folder
     out = run("--base_model", models["merged"], "--data_file", models["data"], "--with_prompt", "--template", "alpaca",
               "--predictions_file", tmp_path / "p.json", *GREEDY)
     expected = get_template("alpaca").encode_prompt(tokenizer, "白日依山尽")

@@ -241,3 +241,33 @@ def test_subword_mean_under_deepspeed_zero3(sp_tokenizer_dir, merged_dir, tiny_m
     result = subprocess.run([sys.executable, str(worker), str(sp_tokenizer_dir), str(merged_dir), str(tiny_model_dir), str(port)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "ZERO3_OK" in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_sft_grows_the_vocabulary_with_the_chosen_init(byte_level, tmp_path):
+    """`zhtrain sft` with a larger tokenizer starts the new rows as --new_token_init says (default subword_mean)."""
+    from sft_fixtures import write_alpaca
+
+    from zhtrain.sft import parse_sft_args, sft
+
+    base_dir, ext_dir, model_dir = byte_level
+    data = write_alpaca(tmp_path / "a.json", n=4)
+
+    def rows_after_sft(*extra):
+        out = tmp_path / f"out{len(extra)}"
+        result = sft(*parse_sft_args([
+            "--model_name_or_path", str(model_dir), "--tokenizer_name_or_path", str(ext_dir), "--output_dir", str(out),
+            "--data_path", str(data), "--template", "alpaca", "--max_steps", "1", "--learning_rate", "0", "--do_train",
+            "--per_device_train_batch_size", "1", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "True",
+            "--lora_rank", "4", "--lora_alpha", "8", "--trainable", "q_proj,v_proj", "--modules_to_save", "embed_tokens,lm_head",
+            "--model_max_length", "256", *extra,
+        ]))
+        return result.trainer.model.get_input_embeddings().weight.detach().clone()
+
+    expected = load(model_dir)
+    base, new = tokenizers(base_dir, ext_dir)
+    resize_embeddings(expected, len(new), init="subword_mean", tokenizer=new, base_tokenizer=base)
+    size = len(base)
+    assert torch.allclose(rows_after_sft()[size:], expected.get_input_embeddings().weight[size:], atol=1e-6)
+    mean_rows = rows_after_sft("--new_token_init", "mean")[size:]
+    assert torch.allclose(mean_rows, load(model_dir).get_input_embeddings().weight.mean(0).expand_as(mean_rows), atol=1e-6)

@@ -53,7 +53,7 @@ def test_adapter_folder_reloads_to_the_trained_model(tmp_path, tiny_model_dir, s
     result = run(flags(tiny_model_dir, sp_tokenizer_dir, text_dir, tmp_path / "out", "--do_eval"))
     adapter = tmp_path / "out" / "pt_lora_model"
     names = {p.name for p in adapter.iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.model", "tokenizer.json"} <= names
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.model", "tokenizer_config.json"} <= names  # the seed's files
     assert (tmp_path / "out" / "checkpoint-2" / "pt_lora_model" / "adapter_model.safetensors").is_file()
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["lora_alpha"] == 32

@@ -35,6 +35,11 @@ class ModelArguments:
     config_name: Optional[str] = field(default=None, metadata={"help": "Config folder if not the model's."})
     cache_dir: Optional[str] = field(default=None, metadata={"help": "Accepted for compatibility; unused."})
     use_fast_tokenizer: bool = field(default=True, metadata={"help": "Use the fast (Rust) tokenizer."})
+    tokenizer_backend: str = field(
+        default="auto",
+        metadata={"help": "auto: a LLaMA SentencePiece tokenizer (tokenizer.model) runs through sentencepiece itself, giving "
+                          "the ids of the seed's slow LlamaTokenizer; others through AutoTokenizer. sentencepiece|tokenizers force one."},
+    )
     model_revision: str = field(default="main", metadata={"help": "Accepted for compatibility; unused."})
     use_auth_token: bool = field(default=False, metadata={"help": "Accepted for compatibility; unused."})
     model_type: Optional[str] = field(default=None, metadata={"help": "Accepted for compatibility; unused."})

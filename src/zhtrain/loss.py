@@ -18,6 +18,7 @@ positions. Equality with the plain path (loss and gradients) is tested in tests/
 from __future__ import annotations
 
 import logging
+import math
 from typing import Optional
 
 import torch
@@ -27,66 +28,99 @@ from transformers import Trainer
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MB in fp32; 167 rows of a 49953 vocabulary): efficient matmuls
+CHUNK_ELEMENTS = 1 << 23  # logits per chunk on CPU (at most 32 MB in fp32; 128 rows of 49953 for a 512 block)
+GPU_CHUNK_ELEMENTS = 1 << 25  # on a GPU fewer, larger chunks: each chunk is a few kernel launches (128 MB in fp32)
 # Model types whose forward is exactly `logits = lm_head(final_hidden_states)` (no soft-capping,
 # no logit scale, no auxiliary loss), so computing the loss from the head's input is the same loss.
 PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """sum over rows of CE(hidden @ weight.T, target), with the gradients computed chunk by chunk."""
+    """sum over rows of CE(hidden @ weight.T, target) * scale, with the gradients computed chunk by chunk.
+
+    `scale` (1 / the normaliser) is folded into the gradients here, on chunk-sized tensors: done in
+    backward it would cost a pass over the vocab-sized weight gradient (the Trainer's backward
+    passes 1/num_items, not 1). The chunks' logits and log-probabilities live in two buffers reused
+    by every chunk (no fresh 30 MB allocation, and its page faults, per chunk); the first chunk
+    writes the weight gradient (no zero-filled vocab-sized tensor), the others add to it. Under
+    autocast (fp16/bf16) each chunk's weight gradient is one half-precision matmul, as in the plain
+    path's backward, summed in fp32 and scaled once at the end (1/N folded into fp16 values could
+    underflow).
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows: int):
+    def forward(ctx, hidden, weight, targets, chunk_rows: int, scale):
         device_type = hidden.device.type
         compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
         want_hidden_grad, want_weight_grad = hidden.requires_grad, weight.requires_grad
+        want_grad = want_hidden_grad or want_weight_grad
         w = weight.to(compute_dtype)
+        rows_total = hidden.size(0)
         grad_hidden = torch.empty_like(hidden) if want_hidden_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight_grad else None
+        grad_weight = None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        buffer_rows = min(chunk_rows, rows_total)
+        logits_buffer = torch.empty((buffer_rows, w.size(0)), dtype=compute_dtype, device=hidden.device)
+        log_probs_buffer = torch.empty((buffer_rows, w.size(0)), dtype=torch.float32, device=hidden.device)
+        half = compute_dtype != torch.float32
+        all_valid = bool((targets != IGNORE_INDEX).all())  # once: on a GPU each bool() waits for the device
         with torch.autocast(device_type, enabled=False):
-            for start in range(0, hidden.size(0), chunk_rows):
+            for start in range(0, rows_total, chunk_rows):
                 h = hidden[start : start + chunk_rows].to(compute_dtype)
                 t = targets[start : start + chunk_rows]
+                n = t.size(0)
                 valid = t != IGNORE_INDEX
-                all_valid = bool(valid.all())
                 safe_t = t if all_valid else torch.where(valid, t, 0)
+                logits = torch.mm(h, w.t(), out=logits_buffer[:n])
                 # log_softmax + gather is exactly what cross_entropy computes.
-                log_probs = torch.log_softmax((h @ w.t()).float(), dim=-1)
+                log_probs = torch.log_softmax(logits.float(), dim=-1, out=log_probs_buffer[:n])
                 picked = log_probs.gather(1, safe_t.unsqueeze(1)).squeeze(1)
                 total -= picked.sum() if all_valid else torch.where(valid, picked, 0.0).sum()
-                if not (want_hidden_grad or want_weight_grad):
+                if not want_grad:
                     continue
                 # d(sum CE)/d logits = softmax - one_hot(target), zero on ignored rows; in place.
                 grad_logits = log_probs.exp_()
-                rows = torch.arange(t.size(0), device=t.device)
-                grad_logits[rows, safe_t] -= 1.0
+                grad_logits[torch.arange(n, device=t.device), safe_t] -= 1.0
                 if not all_valid:
                     grad_logits.masked_fill_(~valid.unsqueeze(1), 0.0)
                 g = grad_logits.to(compute_dtype)
                 if want_hidden_grad:
-                    grad_hidden[start : start + chunk_rows] = (g @ w).to(hidden.dtype)
+                    grad_hidden[start : start + n] = (torch.mm(g, w).float() * scale).to(hidden.dtype)
                 if want_weight_grad:
-                    grad_weight.addmm_(g.t().float(), h.float())  # no-op casts in fp32; fp32 sums under autocast
+                    if half:  # summed in fp32, scaled after the loop
+                        partial = torch.mm(g.t(), h)
+                        grad_weight = partial.float() if grad_weight is None else grad_weight.add_(partial)
+                    elif grad_weight is None:
+                        grad_weight = torch.mm(g.t(), h * scale)
+                    else:
+                        grad_weight.addmm_(g.t(), h * scale)
+        if want_weight_grad and grad_weight is None:  # no rows at all
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        elif want_weight_grad and half:
+            grad_weight.mul_(scale)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         ctx.has = (want_hidden_grad, want_weight_grad)
-        return total
+        return total * scale
 
     @staticmethod
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.saved_tensors
         want_hidden_grad, want_weight_grad = ctx.has
-        # grad_total is 1 unless the loss was scaled (fp16 loss scaling, ...): then no vocab-sized copy.
+        # grad_total is 1 unless the loss was scaled after us (fp16 loss scaling, ...): then no vocab-sized copy.
         unscaled = bool(grad_total == 1)
         dh = (grad_hidden if unscaled else grad_hidden * grad_total.to(grad_hidden.dtype)) if want_hidden_grad else None
         dw = (grad_weight if unscaled else grad_weight * grad_total).to(ctx.weight_dtype) if want_weight_grad else None
-        return dh, dw, None, None
+        return dh, dw, None, None, None
 
 
-def chunk_rows_for(vocab_size: int) -> int:
-    return max(16, CHUNK_ELEMENTS // max(vocab_size, 1))
+def chunk_rows_for(vocab_size: int, rows: int, device_type: str = "cpu") -> int:
+    """Rows per chunk: at most CHUNK_ELEMENTS logits, and chunks of equal size (512 rows of a 49953
+    vocabulary: 4 x 128, not 3 x 167 + a slow 11-row tail that streams the whole weight again)."""
+    budget = CHUNK_ELEMENTS if device_type == "cpu" else GPU_CHUNK_ELEMENTS
+    most = max(16, budget // max(vocab_size, 1))
+    chunks = max(1, math.ceil(rows / most))
+    return max(1, math.ceil(rows / chunks))
 
 
 def chunked_causal_lm_loss(
@@ -105,13 +139,14 @@ def chunked_causal_lm_loss(
     shift_labels = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
     flat_hidden = hidden.reshape(-1, hidden.size(-1))
     flat_labels = shift_labels.reshape(-1).to(flat_hidden.device)
-    rows = chunk_rows or chunk_rows_for(weight.size(0))
-    total = _LinearCrossEntropy.apply(flat_hidden, weight, flat_labels, rows)
-    if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(total.device)
-        return total / num_items_in_batch
-    return total / (flat_labels != IGNORE_INDEX).sum()
+    rows = chunk_rows or chunk_rows_for(weight.size(0), flat_hidden.size(0), flat_hidden.device.type)
+    if num_items_in_batch is None:
+        num_items_in_batch = (flat_labels != IGNORE_INDEX).sum()
+    if torch.is_tensor(num_items_in_batch):
+        scale = 1.0 / num_items_in_batch.to(device=flat_hidden.device, dtype=torch.float32)
+    else:
+        scale = 1.0 / num_items_in_batch
+    return _LinearCrossEntropy.apply(flat_hidden, weight, flat_labels, rows, scale)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,13 +15,23 @@ from zhtrain.errors import ZhtrainError, refused_pickle
 from zhtrain.vocab import check_vocab_pair, model_vocab_size, resize_embeddings, untie_embeddings
 
 logger = logging.getLogger(__name__)
+TOKENIZER_BACKENDS = ("auto", "sentencepiece", "tokenizers")
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def load_tokenizer(path: Optional[str], use_fast: bool = True, trust_remote_code: bool = False):
-    """Load a tokenizer from a folder (a `.model` file is taken from its folder) and check it is real."""
+def load_tokenizer(path: Optional[str], use_fast: bool = True, trust_remote_code: bool = False, backend: str = "auto"):
+    """Load a tokenizer from a folder (a `.model` file is taken from its folder) and check it is real.
+
+    `backend` auto: LLaMA SentencePiece folders through sentencepiece itself, as the seed's slow
+    LlamaTokenizer did (transformers 5's conversion gives other ids on the Chinese merge); anything
+    else through AutoTokenizer. `sentencepiece` / `tokenizers` force one.
+    """
+    if backend not in TOKENIZER_BACKENDS:
+        raise ZhtrainError(f"--tokenizer_backend {backend}: unknown; choose one of {', '.join(TOKENIZER_BACKENDS)}")
     from transformers import AutoTokenizer
+
+    from zhtrain.sp_tokenizer import SentencePieceLlamaTokenizer, is_llama_sentencepiece_folder
 
     if not path:
         raise ZhtrainError("no tokenizer: pass --tokenizer_name_or_path (or --model_name_or_path)")
@@ -30,9 +40,14 @@ def load_tokenizer(path: Optional[str], use_fast: bool = True, trust_remote_code
         folder = folder.parent  # transformers 5.x builds an empty tokenizer from a bare vocab_file
     if not folder.is_dir():
         raise ZhtrainError(f"tokenizer {path}: no such folder; pass a folder with tokenizer.json or tokenizer.model")
+    if backend == "sentencepiece" and not (folder / "tokenizer.model").is_file():
+        raise ZhtrainError(f"tokenizer {folder}: --tokenizer_backend sentencepiece needs a tokenizer.model in the folder")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), use_fast=use_fast, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError) as err:
+        if backend == "sentencepiece" or (backend == "auto" and is_llama_sentencepiece_folder(folder)):
+            tokenizer = SentencePieceLlamaTokenizer.from_pretrained(str(folder))  # the seed's ids (see sp_tokenizer.py)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), use_fast=use_fast, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, RuntimeError) as err:
         raise ZhtrainError(f"tokenizer {folder}: cannot load ({err}); it needs tokenizer.json or tokenizer.model") from err
     if len(tokenizer) < 10:
         raise ZhtrainError(f"tokenizer {folder}: loaded only {len(tokenizer)} tokens; the folder's files are incomplete")
@@ -51,7 +66,8 @@ def load_base_tokenizer(model_args, tokenizer):
         logger.warning("the model folder %s has no tokenizer to split new tokens with; new embedding rows start at the mean", model_dir)
         return None
     try:
-        base = load_tokenizer(model_dir, model_args.use_fast_tokenizer, model_args.trust_remote_code)
+        # the Rust backend splits a new piece with the base's own BPE merges (see vocab.subword_pieces)
+        base = load_tokenizer(model_dir, model_args.use_fast_tokenizer, model_args.trust_remote_code, backend="tokenizers")
     except ZhtrainError as err:
         logger.warning("no tokenizer in the model folder (%s); new embedding rows start at the mean", err)
         return None
@@ -159,8 +175,11 @@ def check_lora_flags(config, lora_args, trust_remote_code: bool = False) -> None
     check_module_names(skeleton, lora_args.modules_to_save_list, "--modules_to_save")
 
 
-def apply_lora(model, lora_args, gradient_checkpointing: bool):
-    """Wrap the model with a new LoRA (or continue `--peft_path`); returns the PeftModel."""
+def apply_lora(model, lora_args, gradient_checkpointing: bool, drop_frozen_copies: bool = False):
+    """Wrap the model with a new LoRA (or continue `--peft_path`); returns the PeftModel.
+
+    `drop_frozen_copies`: see `share_trained_copies` (not under DeepSpeed/FSDP, which shard or
+    flatten each parameter on its own)."""
     from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
     if lora_args.peft_path:
@@ -181,10 +200,47 @@ def apply_lora(model, lora_args, gradient_checkpointing: bool):
             inference_mode=False,
         )
         model = get_peft_model(model, config)
+    if drop_frozen_copies:
+        freed = share_trained_copies(model)
+        if freed:
+            logger.info("modules_to_save: PEFT's frozen originals share the trained weights (%.0f MB freed)", freed / 2**20)
     if gradient_checkpointing and not _embeddings_trainable(model):
         # With frozen embeddings the checkpointed blocks' inputs need grad, or backward finds nothing.
         model.enable_input_require_grads()
     return model
+
+
+def share_trained_copies(model) -> int:
+    """Point each `modules_to_save` wrapper's frozen original at its trained copy; returns bytes freed.
+
+    PEFT keeps the original module (frozen, for `disable_adapter()`) beside the trained copy it
+    saves: for embed_tokens + lm_head of a 49953-token vocabulary that is a second vocab x hidden
+    pair of matrices held all run long (1.6 GB for a 7B model in fp32). Training never reads the
+    originals, so they become the trained tensors: the adapter folder (which holds only the trained
+    copies, under the same keys), resume and merge are unchanged; only `disable_adapter()` would
+    now see the trained embeddings. Skipped for ZeRO-3 partitions and for several adapters.
+    """
+    from peft.utils.other import ModulesToSaveWrapper
+
+    freed = 0
+    for wrapper in model.modules():
+        if not isinstance(wrapper, ModulesToSaveWrapper) or len(wrapper.modules_to_save) != 1:
+            continue
+        trained = next(iter(wrapper.modules_to_save.values()))
+        originals = dict(wrapper.original_module.named_parameters())
+        pairs = list(trained.named_parameters())
+        if any(hasattr(p, "ds_numel") for p in (*originals.values(), *(q for _, q in pairs))):
+            continue
+        if sorted(originals) != sorted(n for n, _ in pairs) or any(originals[n].shape != q.shape for n, q in pairs):
+            continue
+        for name, param in pairs:
+            if originals[name] is param:
+                continue
+            freed += originals[name].numel() * originals[name].element_size()
+            owner_path, _, leaf = name.rpartition(".")
+            owner = wrapper.original_module.get_submodule(owner_path) if owner_path else wrapper.original_module
+            setattr(owner, leaf, param)
+    return freed
 
 
 def train_embeddings_only(model, first_row: int = 0) -> None:

@@ -162,7 +162,8 @@ def pretrain(model_args, data_args, lora_args, training_args) -> RunResult:
 
     # 1. Check everything that can be checked before the slow steps.
     config = load_config(model_args)
-    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path, model_args.use_fast_tokenizer, model_args.trust_remote_code)
+    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path, model_args.use_fast_tokenizer, model_args.trust_remote_code,
+                               model_args.tokenizer_backend)
     purpose = check_vocab_pair(model_vocab_size(config), len(tokenizer), model_args.custom_vocab)
     logger.info("vocabulary: model %d, tokenizer %d -> %s", model_vocab_size(config), len(tokenizer), purpose)
     block_size = choose_block_size(data_args.block_size, config)
@@ -206,7 +207,9 @@ def pretrain(model_args, data_args, lora_args, training_args) -> RunResult:
     fit_vocabulary(model, tokenizer, model_args.custom_vocab, untie=trains_lm_head, new_token_init=init, base_tokenizer=base_tokenizer)
     if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
-    model = apply_lora(model, lora_args, training_args.gradient_checkpointing)
+    # PEFT's frozen copies of embed_tokens/lm_head are dropped unless an engine shards or flattens the weights.
+    model = apply_lora(model, lora_args, training_args.gradient_checkpointing,
+                       drop_frozen_copies=not (training_args.deepspeed or training_args.fsdp))
     if lora_args.training_stage == "embeddings":
         train_embeddings_only(model, first_row=old_rows if lora_args.train_new_rows_only else 0)
     if (training_args.fp16 or training_args.bf16) and not training_args.deepspeed:

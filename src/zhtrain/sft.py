@@ -44,7 +44,9 @@ from zhtrain.data.supervised import (
 )
 from zhtrain.data.templates import get_template, save_template
 from zhtrain.errors import ZhtrainError, run_command
-from zhtrain.model import apply_lora, cast_trainable_to_fp32, count_parameters, load_base_model, load_config, load_tokenizer, sentencepiece_file
+from zhtrain.model import (
+    apply_lora, cast_trainable_to_fp32, count_parameters, load_base_model, load_base_tokenizer, load_config, load_tokenizer, sentencepiece_file,
+)
 from zhtrain.report import ThroughputCallback, build_report, summary_line, write_report
 from zhtrain.train import (
     evaluate_and_log,
@@ -121,7 +123,8 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
     logger.info("template %s%s", template.name, "" if data_args.template else " (default for " + ("--dataset_dir" if data_args.dataset_dir else "--data_path") + ")")
     config = load_config(model_args)
     max_length = choose_max_length(data_args, config)
-    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path, model_args.use_fast_tokenizer, model_args.trust_remote_code)
+    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path, model_args.use_fast_tokenizer, model_args.trust_remote_code,
+                               model_args.tokenizer_backend)
     logger.info(choose_pad_token(tokenizer))
     train_files, eval_files = data_files(data_args)
     if training_args.do_eval and not eval_files and not data_args.preprocess_only:
@@ -164,7 +167,12 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
         model_args.torch_dtype = "float32"  # full fine-tuning keeps fp32 master weights; --bf16 adds autocast
     model = load_base_model(model_args, config, on_gpu)
     fully_trained = modules_to_save(lora_args) if lora_args.use_lora else []
-    grew = fit_vocabulary(model, tokenizer, trains_lm_head="lm_head" in fully_trained)
+    # New rows must be what merge/generate rebuild when the adapter does not carry them: the mean.
+    saves_new_rows = not lora_args.use_lora or {"embed_tokens", "lm_head"} <= set(fully_trained)
+    init = model_args.new_token_init if saves_new_rows else "mean"
+    grows = len(tokenizer) > model_vocab_size(model.config)
+    base_tokenizer = load_base_tokenizer(model_args, tokenizer) if init == "subword_mean" and grows else None
+    grew = fit_vocabulary(model, tokenizer, trains_lm_head="lm_head" in fully_trained, init=init, base_tokenizer=base_tokenizer)
     if grew and lora_args.use_lora and "embed_tokens" not in fully_trained:
         logger.warning("the new tokens' embedding rows stay untrained under LoRA; add --modules_to_save embed_tokens,lm_head to train them")
     if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
@@ -292,15 +300,16 @@ def modules_to_save(lora_args) -> list[str]:
     return lora_args.modules_to_save_list
 
 
-def fit_vocabulary(model, tokenizer, trains_lm_head: bool) -> bool:
+def fit_vocabulary(model, tokenizer, trains_lm_head: bool, init: str = "mean", base_tokenizer=None) -> bool:
     """SFT keeps the model's vocabulary unless the tokenizer is larger (e.g. base LLaMA + the Alpaca
     tokenizer and LoRA of the reference's "continue the Alpaca LoRA" path): then it grows. Returns
     whether it grew."""
     rows, size = model_vocab_size(model.config), len(tokenizer)
     grew = size > rows
     if grew:
-        resize_embeddings(model, size)
-        logger.warning("model resized from %d to %d tokens to fit the tokenizer (new rows start at the mean)", rows, size)
+        resize_embeddings(model, size, init=init, tokenizer=tokenizer, base_tokenizer=base_tokenizer)
+        logger.warning("model resized from %d to %d tokens to fit the tokenizer (new rows: --new_token_init %s)", rows, size,
+                       init if init != "subword_mean" or base_tokenizer is not None else "mean, no base tokenizer")
     elif size < rows and rows in SEED_VOCAB_SIZES:
         raise ZhtrainError(
             f"tokenizer has {size} tokens but the model has {rows} rows: this is not the model's tokenizer; pass the tokenizer the model was trained with"

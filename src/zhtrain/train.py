@@ -321,7 +321,9 @@ def set_cpu_threads() -> int:
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    threads = max(1, (os.cpu_count() or 1) // max(local, 1))
+    # The cores this process may run on (taskset, cpusets), not the host's count.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // max(local, 1))
     torch.set_num_threads(threads)
     return threads
 

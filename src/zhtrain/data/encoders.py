@@ -12,10 +12,10 @@ without its Python-side overhead:
 
 Either is used only after it matched `tokenizer(line, add_special_tokens=False)` token for token
 on a built-in set of awkward strings plus a sample of the data (`choose_encoder`). When it does not
-match, the next path is tried and the log says why. Known case: for a SentencePiece BPE model whose
-appended pieces share one score (the Chinese-LLaMA merge appends 17,953 pieces, all score 0) the `tokenizers`
-conversion breaks ties differently from SentencePiece, so the HF ids differ from sentencepiece's
-and the HF path is kept.
+match, the next path is tried and the log says why. LLaMA SentencePiece folders load as the seed's
+slow tokenizer (`zhtrain.sp_tokenizer`), so raw sentencepiece matches them by construction; with
+`--tokenizer_backend tokenizers` on the Chinese-LLaMA merge (17,953 appended pieces, all score 0) the
+`tokenizers` conversion breaks ties differently from sentencepiece and the `tokenizers` path is used.
 """
 
 from __future__ import annotations
@@ -123,6 +123,9 @@ class SentencePieceEncoder:
 
 def sentencepiece_model_of(tokenizer) -> Optional[Path]:
     """The `tokenizer.model` in the folder the tokenizer was loaded from, if any."""
+    vocab_file = getattr(tokenizer, "vocab_file", None)  # zhtrain's SentencePieceLlamaTokenizer
+    if vocab_file and Path(vocab_file).is_file():
+        return Path(vocab_file)
     folder = Path(getattr(tokenizer, "name_or_path", "") or "")
     if folder.is_file():
         folder = folder.parent

@@ -175,6 +175,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
         digest.update(backend.to_str().encode("utf-8"))
     else:
         digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode("utf-8"))
+        model_file = getattr(tokenizer, "vocab_file", None)  # a SentencePiece model: its scores decide the ids too
+        if model_file and Path(model_file).is_file():
+            digest.update(Path(model_file).read_bytes())
     digest.update(json.dumps([type(tokenizer).__name__, tokenizer.bos_token_id, tokenizer.eos_token_id, len(tokenizer)]).encode())
     return digest.hexdigest()
 

@@ -1,0 +1,89 @@
+"""LLaMA SentencePiece folders load as the seed's slow tokenizer: sentencepiece's own ids everywhere."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from zhtrain.data.encoders import AWKWARD_LINES, SentencePieceEncoder, choose_encoder
+from zhtrain.errors import ZhtrainError
+from zhtrain.model import load_tokenizer
+from zhtrain.sp_tokenizer import SentencePieceLlamaTokenizer
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+LLAMA, CHINESE = REAL / "tokenizers" / "llama-32000.model", REAL / "tokenizers" / "chinese_sp-20000.model"
+PEOPLES_DAILY = REAL / "corpora" / "peoples-daily-199801.txt"
+needs_real = pytest.mark.skipif(
+    not (LLAMA.is_file() and CHINESE.is_file() and PEOPLES_DAILY.is_file()),
+    reason=f"real tokenizers / corpus not found under {REAL}",
+)
+
+
+def sp(path):
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(path))
+
+
+def test_auto_loads_sentencepiece_with_the_seed_special_tokens(sp_tokenizer_dir):
+    tokenizer = load_tokenizer(str(sp_tokenizer_dir))
+    raw = sp(sp_tokenizer_dir / "tokenizer.model")
+    assert isinstance(tokenizer, SentencePieceLlamaTokenizer) and len(tokenizer) == raw.get_piece_size()
+    for line in AWKWARD_LINES[:14]:  # the last ones hold special-token text, handled below
+        assert tokenizer(line, add_special_tokens=False)["input_ids"] == raw.encode(line), line
+        assert tokenizer(line)["input_ids"] == [raw.bos_id()] + raw.encode(line)  # BOS, no EOS: the slow LlamaTokenizer
+    text = "the quick brown fox jumps"
+    assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == raw.decode(raw.encode(text))
+    # Special-token text is a token (as in the slow tokenizer), the text around it is encoded on its own.
+    ids = tokenizer("a</s>b", add_special_tokens=False)["input_ids"]
+    assert ids == raw.encode("a") + [raw.eos_id()] + raw.encode("b")
+
+
+def test_backend_choice_and_bad_values(sp_tokenizer_dir, tmp_path):
+    fast = load_tokenizer(str(sp_tokenizer_dir), backend="tokenizers")
+    assert not isinstance(fast, SentencePieceLlamaTokenizer) and hasattr(fast, "backend_tokenizer")
+    with pytest.raises(ZhtrainError, match="unknown; choose one of auto, sentencepiece, tokenizers"):
+        load_tokenizer(str(sp_tokenizer_dir), backend="slow")
+    fast.save_pretrained(str(tmp_path / "fast_only"))  # tokenizer.json, no tokenizer.model
+    with pytest.raises(ZhtrainError, match="needs a tokenizer.model"):
+        load_tokenizer(str(tmp_path / "fast_only"), backend="sentencepiece")
+    assert not isinstance(load_tokenizer(str(tmp_path / "fast_only")), SentencePieceLlamaTokenizer)
+
+
+def test_saved_folder_is_a_plain_llama_tokenizer_folder(sp_tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = load_tokenizer(str(sp_tokenizer_dir))
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    out = tmp_path / "saved"
+    tokenizer.save_pretrained(str(out))
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "LlamaTokenizer" and "backend" not in config
+    again, other = load_tokenizer(str(out)), AutoTokenizer.from_pretrained(str(out))
+    assert len(again) == len(other) == len(tokenizer) and again.pad_token_id == other.pad_token_id == len(tokenizer) - 1
+
+
+def test_data_preparation_takes_raw_sentencepiece(sp_tokenizer_dir):
+    tokenizer = load_tokenizer(str(sp_tokenizer_dir))
+    assert isinstance(choose_encoder(tokenizer, ["some sample line", "another one"]), SentencePieceEncoder)
+
+
+@needs_real
+@pytest.mark.slow
+def test_chinese_merge_gives_sentencepiece_ids_where_the_fast_conversion_does_not(tmp_path):
+    """The reason for the class: on the 49953 merge transformers' fast tokenizer differs from sentencepiece."""
+    from zhtrain.tokenizer import main as tokenizer_main
+
+    out = tmp_path / "chinese_llama"
+    tokenizer_main(["merge", "--llama_tokenizer_dir", str(LLAMA), "--chinese_sp_model_file", str(CHINESE), "--output_dir", str(out)])
+    raw = sp(out / "tokenizer.model")
+    lines = [line.strip() for line in PEOPLES_DAILY.open(encoding="utf-8") if line.strip()][:300]
+    ours, fast = load_tokenizer(str(out)), load_tokenizer(str(out), backend="tokenizers")
+    assert len(ours) == len(fast) == 49953
+    assert ours(lines, add_special_tokens=False)["input_ids"] == [raw.encode(line) for line in lines]
+    fast_ids = fast(lines, add_special_tokens=False)["input_ids"]
+    assert sum(a != raw.encode(line) for a, line in zip(fast_ids, lines)) > 30  # ~1/3 of lines differ
+    assert all(ours.decode(ours(line, add_special_tokens=False)["input_ids"]) == line for line in lines[:50])
+    assert isinstance(choose_encoder(ours, lines), SentencePieceEncoder)
