@@ -223,14 +223,19 @@ by position, a converted BPE by merge rank). zhtrain loads LLaMA SentencePiece f
 ids (`--tokenizer_backend auto`), so its exact fast path is raw sentencepiece, one process per core,
 checked against the tokenizer's own ids on a sample at run time."""
 
-P3_NOTE = """`baseline-passive` is the baseline with `OMP_WAIT_POLICY=PASSIVE`, which zhtrain sets for itself: the
-ratio zhtrain / baseline-passive is what the rest of zhtrain (the chunked loss) gives; the ratio
-baseline-passive / baseline is the thread policy, which only matters when other work shares the cores
-(one contended baseline run moves a median of two). The loss is about half of this model's step; the
-rest (LoRA dropout masks, the recomputation of gradient checkpointing, AdamW over 25.6 M trained
-embedding/lm_head weights, their dense gradients) is the same work in both. Peak memory: weights
-(with PEFT's frozen originals of embed_tokens/lm_head), gradients and AdamW states of the 25.6 M
-trained weights and the libraries are the same in both; only the logits' share differs."""
+P3_NOTE = """`baseline-passive` is the baseline with `OMP_WAIT_POLICY=PASSIVE`, which zhtrain sets for itself:
+zhtrain / baseline-passive is what zhtrain's training changes give; baseline-passive / baseline is the
+thread policy alone. On quiet cores the two policies are within run-to-run noise (measured on pinned,
+otherwise idle cores: baseline 490-604 tokens/s spinning vs 534-590 passive); when anything else runs
+on the cores, OpenMP's spinning threads slow each other down several-fold (zhtrain 46-52 vs 347-381
+tokens/s measured on this shared machine), so a median that includes such a run overstates the ratio
+zhtrain / baseline. What differs in zhtrain: the chunked lm_head loss (no `block x vocab` logits, each
+chunk's gradients formed at once, the 1/N normaliser applied inside the chunks) and PEFT's frozen
+originals of embed_tokens/lm_head sharing the trained tensors (98 MB here). The same in both: the
+three lm_head matmuls (~46% of a step), LoRA dropout masks drawn twice under gradient checkpointing,
+fused AdamW over the 25.6 M trained weights, their dense gradients and clipping; so about 1.2x is the
+ceiling without changing results. Memory floor: fp32 weights + gradients + AdamW states of the trained
+weights (0.42 GB) plus the libraries (0.36 GB) are already 0.63x of the baseline's peak."""
 
 
 def capture(fn, *args) -> str:

@@ -187,3 +187,20 @@ def test_pretrain_adapter_and_peft_path_continuation_equal_peft_copies(tmp_path,
         assert a.keys() == b.keys() and "base_model.model.lm_head.weight" in a
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_half_weights_without_mixed_precision_are_warned_about(tiny_model_dir, caplog):
+    """--torch_dtype float16 without --fp16 would update fp16 weights with no loss scaling (seen diverging on a GPU)."""
+    import logging
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from zhtrain.model import warn_if_pure_half
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float16)
+    with caplog.at_level(logging.WARNING, logger="zhtrain"):
+        warn_if_pure_half(model, SimpleNamespace(fp16=True, bf16=False, deepspeed=None))
+        assert not caplog.records
+        warn_if_pure_half(model, SimpleNamespace(fp16=False, bf16=False, deepspeed=None))
+    assert "--torch_dtype float16 without --fp16" in caplog.text

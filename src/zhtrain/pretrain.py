@@ -37,6 +37,7 @@ from zhtrain.model import (
     load_tokenizer,
     sentencepiece_file,
     train_embeddings_only,
+    warn_if_pure_half,
 )
 from zhtrain.report import ThroughputCallback, build_report, summary_line, write_report
 from zhtrain.train import (
@@ -214,6 +215,7 @@ def pretrain(model_args, data_args, lora_args, training_args) -> RunResult:
         train_embeddings_only(model, first_row=old_rows if lora_args.train_new_rows_only else 0)
     if (training_args.fp16 or training_args.bf16) and not training_args.deepspeed:
         cast_trainable_to_fp32(model)
+    warn_if_pure_half(model, training_args)
     trainable, total = count_parameters(model)
     logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 

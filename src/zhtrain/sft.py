@@ -46,6 +46,7 @@ from zhtrain.data.templates import get_template, save_template
 from zhtrain.errors import ZhtrainError, run_command
 from zhtrain.model import (
     apply_lora, cast_trainable_to_fp32, count_parameters, load_base_model, load_base_tokenizer, load_config, load_tokenizer, sentencepiece_file,
+    warn_if_pure_half,
 )
 from zhtrain.report import ThroughputCallback, build_report, summary_line, write_report
 from zhtrain.train import (
@@ -190,6 +191,7 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
             classes = fsdp.layer_classes(model, (training_args.fsdp_config or {}).get("transformer_layer_cls_to_wrap"))
             training_args.fsdp_plugin_args["transformer_cls_names_to_wrap"] = ",".join(c.__name__ for c in classes)
             logger.info("FSDP wraps each %s", "/".join(c.__name__ for c in classes))
+    warn_if_pure_half(model, training_args)
     trainable, total = count_parameters(model)
     logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 

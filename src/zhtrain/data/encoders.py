@@ -186,10 +186,18 @@ class DocumentEncoder:
 
     def __call__(self, lines: list[str]) -> np.ndarray:
         docs = self.encode(lines)
+        lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+        flat = np.fromiter(itertools.chain.from_iterable(docs), dtype=self.dtype, count=int(lengths.sum()))  # C loop
         extra = len(self.bos) + len(self.eos)
-        count = sum(map(len, docs)) + extra * len(docs)
-        if extra:
-            pieces = itertools.chain.from_iterable(part for ids in docs for part in (self.bos, ids, self.eos))
-        else:
-            pieces = itertools.chain.from_iterable(docs)
-        return np.fromiter(pieces, dtype=self.dtype, count=count)  # C loop: no per-token Python list
+        if not extra:
+            return flat
+        # Document k's tokens move right by extra * k (+1 for its BOS); BOS/EOS fill the gaps.
+        out = np.empty(flat.size + extra * len(docs), dtype=self.dtype)
+        doc_of_token = np.repeat(np.arange(len(docs)), lengths)
+        out[np.arange(flat.size) + extra * doc_of_token + len(self.bos)] = flat
+        ends = np.cumsum(lengths + extra)
+        if self.bos:
+            out[ends - lengths - extra] = self.bos[0]
+        if self.eos:
+            out[ends - 1] = self.eos[0]
+        return out

@@ -174,10 +174,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
     if backend is not None:
         digest.update(backend.to_str().encode("utf-8"))
     else:
-        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode("utf-8"))
-        model_file = getattr(tokenizer, "vocab_file", None)  # a SentencePiece model: its scores decide the ids too
-        if model_file and Path(model_file).is_file():
+        model_file = getattr(tokenizer, "vocab_file", None)
+        if model_file and Path(model_file).is_file():  # a SentencePiece model: pieces and scores decide the ids
             digest.update(Path(model_file).read_bytes())
+            digest.update(json.dumps(sorted(tokenizer.get_added_vocab().items())).encode("utf-8"))
+        else:
+            digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode("utf-8"))
     digest.update(json.dumps([type(tokenizer).__name__, tokenizer.bos_token_id, tokenizer.eos_token_id, len(tokenizer)]).encode())
     return digest.hexdigest()
 
