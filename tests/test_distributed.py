@@ -218,6 +218,29 @@ def test_zero3_resizes_trains_embeddings_and_saves_a_full_adapter(tmp_path, smal
     assert_no_leftovers(out)
 
 
+@pytest.mark.slow
+def test_zero3_stage1_trains_only_the_new_rows(tmp_path, small_model, sp_tokenizer_dir, corpus):
+    """--training_stage embeddings --train_new_rows_only on partitioned weights: the model's own rows stay bit-identical."""
+    from transformers import AutoModelForCausalLM
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    cmd = [*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "zhtrain.pretrain",
+           *flags(small_model, sp_tokenizer_dir, corpus, out, cache, 1, "--deepspeed", str(REPO / "configs" / "ds_zero3.json"),
+                  "--training_stage", "embeddings", "--train_new_rows_only", "--save_strategy", "no")]
+    text = (lambda log: log.stdout + log.stderr)(run(cmd, tmp_path))
+    assert "trained with engine DeepSpeedEngine, world size 2" in text
+    weights = adapter_of(out)
+    base = AutoModelForCausalLM.from_pretrained(str(small_model))
+    for name, matrix in (("embed_tokens", base.get_input_embeddings().weight), ("lm_head", base.get_output_embeddings().weight)):
+        trained = next(t for k, t in weights.items() if name in k)
+        assert trained.shape == (400, matrix.shape[1])
+        assert torch.equal(trained[:320], matrix.detach())  # the model's own rows: untouched
+        start = matrix.detach().mean(0)  # the folder has no tokenizer, so new rows start at the mean
+        assert (trained[320:] - start).abs().max() > 1e-4  # and the new rows learned
+    assert not any(("lora_B" in k) and t.any() for k, t in weights.items())  # Stage 1: the LoRA stays zero
+    assert_no_leftovers(out)
+
+
 # ---------------------------------------------------------------------------------------------
 # (4) FSDP2: zhtrain.fsdp wrapping and rank-0 adapter saving over gloo (the Trainer cannot shard on CPU)
 
