@@ -1,0 +1,105 @@
+"""Exploration for issue 3: new-row inits beyond subword_mean, in bits per character at step 0.
+
+Not a zhtrain feature and not part of `make bench`: a record of what was tried, so it can be rerun.
+Uses the extended tokenizer and the held-out lines of benchmarks/bench_new_token_init.py (run it
+first) and SmolLM2-135M from zhtrain's asset cache. Every init starts from `subword_mean` (what
+`zhtrain pretrain` builds) and replaces the new rows of one or both matrices:
+
+  residual-input   input rows = the base model's residual stream (layer --layer) at the last piece
+                   of the token's base spelling, read after [BOS] + pieces
+  cjk-mix-output   output rows = a softmax(cos / --tau)-weighted mix of the output rows of the --top
+                   old tokens that contain Chinese characters, nearest by the same residual stream
+  both             the two together
+
+No evaluation text is used to build any row.
+
+    python benchmarks/explore_new_token_init.py [--layer 8] [--top 20] [--tau 0.05]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_new_token_init import OUT, bits_per_character, load_model, load_tokenizer, resized_model  # noqa: E402
+
+CJK = re.compile(r"[\u4e00-\u9fff]")
+
+
+def residual_at_last_piece(model, bos: int, spellings: list[list[int]], layer: int, batch: int = 128) -> torch.Tensor:
+    """Hidden state after `layer` blocks at the last id of [BOS] + spelling, one row per spelling."""
+    rows = []
+    for start in range(0, len(spellings), batch):
+        seqs = [[bos] + ids for ids in spellings[start : start + batch]]
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        with torch.no_grad():
+            hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[layer]
+        rows.append(hidden[torch.arange(len(seqs)), torch.tensor([len(s) - 1 for s in seqs])].float())
+    return torch.cat(rows)
+
+
+def main() -> None:
+    from zhtrain import assets
+    from zhtrain.vocab import subword_pieces
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layer", type=int, default=8)
+    parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--tau", type=float, default=0.05)
+    parser.add_argument("--eval_lines", type=int, default=16)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    model_dir, corpus = assets.ensure_model(), assets.ensure_corpus()
+    if not (OUT / "tokenizer").is_dir():
+        raise SystemExit(f"{OUT / 'tokenizer'}: run benchmarks/bench_new_token_init.py first (it builds the extended tokenizer)")
+    lines = [line.rstrip("\n") for line in corpus.open(encoding="utf-8") if line.strip()]
+    held_out = [line for line in lines[-2000:] if 40 <= len(line) <= 200][-args.eval_lines :]  # as bench_new_token_init
+    base_tok, ext_tok = load_tokenizer(model_dir), load_tokenizer(OUT / "tokenizer")
+    base = load_model(model_dir)
+    old = len(base_tok)
+
+    results = {"un-extended": bits_per_character(base, base_tok, held_out)}
+    model = resized_model(model_dir, base_tok, ext_tok, "subword_mean")
+    results["subword_mean"] = bits_per_character(model, ext_tok, held_out)
+
+    pieces = subword_pieces(ext_tok, base_tok, old, len(ext_tok))
+    spelled = [k for k, ids in enumerate(pieces) if ids]
+    new_rows = torch.tensor(spelled) + old
+    chinese_old = torch.tensor([i for i in range(old) if CJK.search(base_tok.decode([i]))])
+    new_repr = residual_at_last_piece(base, base_tok.bos_token_id, [pieces[k] for k in spelled], args.layer)
+    old_repr = residual_at_last_piece(base, base_tok.bos_token_id, [[int(i)] for i in chinese_old], args.layer)
+    similarity = torch.nn.functional.normalize(new_repr, dim=1) @ torch.nn.functional.normalize(old_repr, dim=1).T
+    nearest = similarity.topk(min(args.top, len(chinese_old)), dim=1)
+    weights = torch.softmax(nearest.values / args.tau, dim=1)
+
+    inputs, outputs = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    mixed_output = (weights.unsqueeze(2) * outputs.detach()[chinese_old][nearest.indices]).sum(1)
+    start_in, start_out = inputs.detach().clone(), outputs.detach().clone()
+    for name, set_input, set_output in (("residual-input", True, False), ("cjk-mix-output", False, True), ("both", True, True)):
+        with torch.no_grad():
+            inputs.copy_(start_in)
+            outputs.copy_(start_out)
+            if set_input:
+                inputs[new_rows] = new_repr.to(inputs.dtype)
+            if set_output:
+                outputs[new_rows] = mixed_output.to(outputs.dtype)
+        results[name] = bits_per_character(model, ext_tok, held_out)
+
+    print(f"\n{len(held_out)} held-out lines; {len(chinese_old)} old tokens contain Chinese characters; layer {args.layer}, "
+          f"top {args.top}, tau {args.tau}")
+    print("| new rows start as | bits/char at step 0 | vs un-extended |")
+    print("|---|---|---|")
+    for name, value in results.items():
+        print(f"| {name} | {value:.3f} | {value / results['un-extended']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
