@@ -87,3 +87,18 @@ def test_chinese_merge_gives_sentencepiece_ids_where_the_fast_conversion_does_no
     assert sum(a != raw.encode(line) for a, line in zip(fast_ids, lines)) > 30  # ~1/3 of lines differ
     assert all(ours.decode(ours(line, add_special_tokens=False)["input_ids"]) == line for line in lines[:50])
     assert isinstance(choose_encoder(ours, lines), SentencePieceEncoder)
+
+
+def test_tokens_only_in_tokenizer_json_are_kept(sp_tokenizer_dir, tmp_path):
+    """A token that exists only in tokenizer.json (not the model, not tokenizer_config.json) must not vanish."""
+    import shutil
+
+    folder = tmp_path / "tok"
+    shutil.copytree(sp_tokenizer_dir, folder)
+    tokenizer_json = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer_json["added_tokens"].append({"id": 400, "content": "黄河入海流", "single_word": False, "lstrip": False, "rstrip": False,
+                                           "normalized": True, "special": False})
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False))
+    tokenizer = load_tokenizer(str(folder))
+    assert isinstance(tokenizer, SentencePieceLlamaTokenizer) and len(tokenizer) == 401
+    assert tokenizer("白日依山尽，黄河入海流。", add_special_tokens=False)["input_ids"].count(400) == 1
