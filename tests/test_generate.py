@@ -106,3 +106,34 @@ def test_bad_inputs(models, tmp_path):
         run("--base_model", models["adapter"], "--data_file", models["data"], *GREEDY)
     with pytest.raises(ZhtrainError, match="--max_new_tokens 0"):
         parse_generate_args(["--base_model", "m", "--max_new_tokens", "0"])
+
+
+def test_alpha_stretches_rope_as_the_seed_did(models):
+    """--alpha N: rope base x N^(d/(d-2)) (the seed's NTK patch, here a config change); 'auto': dynamic NTK."""
+    import torch
+
+    from zhtrain.generate import AUTO_NTK_FACTOR, load_model
+
+    def loaded(*extra):
+        return load_model(parse_generate_args(["--base_model", str(models["merged"]), "--only_cpu", *extra]), 400, "cpu")
+
+    plain, stretched, auto = loaded(), loaded("--alpha", "2"), loaded("--alpha", "auto")
+    config = plain.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    theta = config.rope_parameters["rope_theta"]
+    assert stretched.config.rope_parameters["rope_theta"] == pytest.approx(theta * 2 ** (head_dim / (head_dim - 2)))
+    assert auto.config.rope_parameters["rope_type"] == "dynamic" and auto.config.rope_parameters["factor"] == AUTO_NTK_FACTOR
+    ids = torch.arange(1, 40)[None]
+    with torch.no_grad():
+        a, b = plain(input_ids=ids).logits, stretched(input_ids=ids).logits
+    assert torch.equal(a[:, 0], b[:, 0]) and not torch.allclose(a[:, 5:], b[:, 5:])  # position 0 has no rotation
+    results = run("--base_model", models["merged"], "--data_file", models["data"], "--alpha", "auto", *GREEDY)
+    assert len(results) == 2
+
+
+def test_alpha_and_8bit_bad_values(models):
+    for bad in ("0", "-1", "big"):
+        with pytest.raises(ZhtrainError, match=f"--alpha {bad}: must be a positive number"):
+            run("--base_model", models["merged"], "--data_file", models["data"], "--alpha", bad, *GREEDY)
+    with pytest.raises(ZhtrainError, match="--load_in_8bit needs a CUDA GPU"):
+        run("--base_model", models["merged"], "--data_file", models["data"], "--load_in_8bit", *GREEDY)

@@ -45,6 +45,8 @@ class GenerateOptions:
     only_cpu: bool = False
     seed: Optional[int] = None
     sampling: dict = field(default_factory=lambda: dict(SAMPLING_DEFAULTS))
+    alpha: Optional[str] = None
+    load_in_8bit: bool = False
 
 
 def parse_generate_args(argv: Optional[list[str]] = None) -> GenerateOptions:
@@ -61,6 +63,9 @@ def parse_generate_args(argv: Optional[list[str]] = None) -> GenerateOptions:
     p.add_argument("--gpus", default=None, help="CUDA_VISIBLE_DEVICES for the run, e.g. 0 or 0,1 (default: as set).")
     p.add_argument("--only_cpu", action="store_true", help="Run on the CPU even if a GPU is there.")
     p.add_argument("--seed", type=int, default=None, help="Random seed for sampling (default: not fixed).")
+    p.add_argument("--alpha", default=None, help="NTK scaling of RoPE for longer inputs: a number (rope base x alpha^(d/(d-2)), "
+                                                 "the seed's rule) or 'auto' (transformers' dynamic NTK). Default: none.")
+    p.add_argument("--load_in_8bit", action="store_true", help="Load the model in 8 bits (CUDA GPU with bitsandbytes).")
     for name, value in SAMPLING_DEFAULTS.items():
         if isinstance(value, bool):
             p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=value, help=f"Default: {value}.")
@@ -72,7 +77,7 @@ def parse_generate_args(argv: Optional[list[str]] = None) -> GenerateOptions:
         raise ZhtrainError(f"--max_new_tokens {sampling['max_new_tokens']}: must be at least 1")
     adapters = [part.strip() for part in (ns.lora_model or "").split(",") if part.strip()]
     return GenerateOptions(ns.base_model, adapters, ns.tokenizer_path, ns.data_file, ns.with_prompt, ns.template, ns.system_prompt,
-                           ns.interactive, ns.predictions_file, ns.gpus, ns.only_cpu, ns.seed, sampling)
+                           ns.interactive, ns.predictions_file, ns.gpus, ns.only_cpu, ns.seed, sampling, ns.alpha, ns.load_in_8bit)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -169,14 +174,61 @@ def load_model(opts: GenerateOptions, tokenizer_len: int, device: str):
 
         make_plan(checkpoint, [load_adapter(folder) for folder in opts.lora_model])
     dtype = torch.float16 if device == "cuda" else torch.float32
+    kwargs = load_options(opts, device)
     if opts.lora_model:
-        model = model_with_adapters(opts.base_model, opts.lora_model, dtype=dtype)
+        model = model_with_adapters(opts.base_model, opts.lora_model, dtype=dtype, **kwargs)
     else:
-        model = AutoModelForCausalLM.from_pretrained(opts.base_model, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(opts.base_model, dtype=dtype, **kwargs)
     rows = model.get_input_embeddings().weight.shape[0]
     if tokenizer_len > rows:  # as the seed: a larger tokenizer grows the model (new rows untrained)
         resize_embeddings(model, tokenizer_len, init="mean")
-    return model.to(device).eval()
+    return (model if opts.load_in_8bit else model.to(device)).eval()  # an 8-bit model is placed by device_map
+
+
+# The seed's --alpha 'auto' rescales RoPE's base by ((seq_len / 1024 - 1) * 1.1) ^ (d / (d - 2)) beyond 2048 tokens;
+# transformers' dynamic NTK with this factor gives (2.2 * seq_len / 2048 - 1.2) ^ (d / (d - 2)): the closest it offers.
+AUTO_NTK_FACTOR = 2.2
+
+
+def load_options(opts: GenerateOptions, device: str) -> dict:
+    """from_pretrained keyword arguments for --alpha (a RoPE config change) and --load_in_8bit."""
+    kwargs: dict = {}
+    if opts.alpha is not None:
+        kwargs["config"] = ntk_scaled_config(opts.base_model, opts.alpha)
+    if opts.load_in_8bit:
+        import importlib.util
+
+        if device != "cuda":
+            raise ZhtrainError("--load_in_8bit needs a CUDA GPU (bitsandbytes quantizes on the GPU); drop it to run on the CPU")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ZhtrainError("--load_in_8bit needs the bitsandbytes package: pip install bitsandbytes")
+        from transformers import BitsAndBytesConfig
+
+        kwargs.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": 0})
+    return kwargs
+
+
+def ntk_scaled_config(base_model: str, alpha: str):
+    """The base's config with RoPE stretched as the seed's --alpha did (no patching of the rotary module)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base_model)
+    params = dict(getattr(config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(config, "rope_theta", 10000.0)})
+    if params.get("rope_type", "default") != "default":
+        raise ZhtrainError(f"--alpha {alpha}: {base_model} already scales RoPE ({params.get('rope_type')}); drop --alpha")
+    if alpha == "auto":
+        params.update(rope_type="dynamic", factor=AUTO_NTK_FACTOR)
+    else:
+        try:
+            value = float(alpha)
+        except ValueError:
+            value = 0.0
+        if not value > 0:
+            raise ZhtrainError(f"--alpha {alpha}: must be a positive number (e.g. 2) or 'auto'")
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        params["rope_theta"] = params["rope_theta"] * value ** (head_dim / (head_dim - 2))
+    config.rope_parameters = params
+    return config
 
 
 class Generator:

@@ -29,14 +29,14 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2.5e-2}
 
 
 def model_with_adapters(base_dir: str | Path, adapter_dirs: Sequence[str | Path], dtype: torch.dtype = torch.float32,
-                        attn: str = "sdpa", merge_last: bool = False):
+                        attn: str = "sdpa", merge_last: bool = False, **load_kwargs):
     """Base + adapters applied through PEFT in order (see the module docstring); `merge_last` folds the last one
     in too (PEFT's merge_and_unload, the seed merge script's own path) instead of running it as a LoRA layer."""
     from transformers import AutoModelForCausalLM
 
     from zhtrain.model import load_peft_adapter
 
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype, attn_implementation=attn)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype, attn_implementation=attn, **load_kwargs)
     for position, folder in enumerate(adapter_dirs):
         adapter = load_adapter(folder)
         rows = model.get_input_embeddings().weight.shape[0]
