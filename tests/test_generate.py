@@ -108,7 +108,7 @@ def test_bad_inputs(models, tmp_path):
         parse_generate_args(["--base_model", "m", "--max_new_tokens", "0"])
 
 
-def test_alpha_stretches_rope_as_the_seed_did(models):
+def test_alpha_stretches_rope_as_the_seed_did(models, tmp_path):
     """--alpha N: rope base x N^(d/(d-2)) (the seed's NTK patch, here a config change); 'auto': dynamic NTK."""
     import torch
 
@@ -127,7 +127,8 @@ def test_alpha_stretches_rope_as_the_seed_did(models):
     with torch.no_grad():
         a, b = plain(input_ids=ids).logits, stretched(input_ids=ids).logits
     assert torch.equal(a[:, 0], b[:, 0]) and not torch.allclose(a[:, 5:], b[:, 5:])  # position 0 has no rotation
-    results = run("--base_model", models["merged"], "--data_file", models["data"], "--alpha", "auto", *GREEDY)
+    results = run("--base_model", models["merged"], "--data_file", models["data"], "--alpha", "auto",
+                  "--predictions_file", tmp_path / "p.json", *GREEDY)
     assert len(results) == 2
 
 
