@@ -63,9 +63,6 @@ class SentencePieceLlamaTokenizer(SentencePieceBackend):
             mask += bos + [0] * len(token_ids_1) + eos
         return mask
 
-    def num_special_tokens_to_add(self, pair: bool = False) -> int:
-        return len(self.build_inputs_with_special_tokens([], [] if pair else None))
-
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         """As the slow LlamaTokenizer: sentencepiece decodes each run of ordinary pieces."""
         tokens = list(tokens)
