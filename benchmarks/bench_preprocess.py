@@ -34,6 +34,7 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MB, OUT, build_corpus, chinese_llama_tokenizer, gb, llama_tokenizer, median, repeat_file, run_child, write_json  # noqa: E402
@@ -131,7 +132,7 @@ def prepare(tokenizer_kind: str, size_mb: float) -> tuple[Path, Path]:
     return tokenizer, corpus
 
 
-def run_trial(kind: str, tokenizer: Path, corpus: Path, workers: int, scratch: Path) -> dict:
+def run_trial(kind: str, tokenizer: Path, corpus: Path, workers: int, scratch: Path, pss_every: Optional[float] = None) -> dict:
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     try:
@@ -142,7 +143,7 @@ def run_trial(kind: str, tokenizer: Path, corpus: Path, workers: int, scratch: P
         else:
             mode = {"zhtrain-hf": "hf", "zhtrain-tok": "tok"}.get(kind, "auto")
             n = 1 if kind == "zhtrain-1proc" else workers
-            result = run_child(ZHTRAIN, [str(tokenizer), str(corpus.parent), str(scratch), str(n), mode])
+            result = run_child(ZHTRAIN, [str(tokenizer), str(corpus.parent), str(scratch), str(n), mode], pss_every=pss_every)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     result["mb_per_s"] = corpus.stat().st_size / MB / result["seconds"]
@@ -198,7 +199,7 @@ def p2(tokenizer_kind: str, sizes: list[float], workers: int) -> dict:
         big = repeat_file(corpus, folder / "big.txt", size)
         big_size = big.stat().st_size / MB
         try:
-            result = run_trial("zhtrain", tokenizer, big, workers, OUT / "scratch")
+            result = run_trial("zhtrain", tokenizer, big, workers, OUT / "scratch", pss_every=0.05)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         result["size_mb"] = big_size

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from zhtrain.data import text
-from zhtrain.data.encoders import SentencePieceEncoder, TokenizersEncoder, choose_encoder
+from zhtrain.data.encoders import DocumentEncoder, SentencePieceEncoder, TokenizersEncoder, choose_encoder
 from zhtrain.data.text import build_token_cache, find_text_files
 from zhtrain.model import load_tokenizer
 
@@ -80,6 +80,21 @@ def test_added_tokens_in_text_follow_the_hf_tokenizer(tmp_path, sp_tokenizer_dir
     assert encoder(lines) == extended(lines, add_special_tokens=False)["input_ids"]
 
 
+@pytest.mark.parametrize("eos_matches", [True, False])
+def test_document_ends_added_by_sentencepiece_equal_the_numpy_path(sp_tokenizer_dir, eos_matches):
+    """BOS/EOS come from sentencepiece's own add_bos/add_eos when its ids are the tokenizer's (lines
+    with added-token text included), else from the numpy pass; the documents are the same either way."""
+    extended = load_tokenizer(str(sp_tokenizer_dir))
+    extended.add_tokens(["黄河入海流"])
+    lines = ["白日依山尽，黄河入海流。", "plain line", "x"]
+    encoder = choose_encoder(extended, lines)
+    bos, eos = extended.bos_token_id, extended.eos_token_id if eos_matches else extended.unk_token_id
+    document = DocumentEncoder(encoder, bos, eos, np.dtype(np.uint32))
+    assert (document.encode is not encoder) == eos_matches
+    want = [t for ids in extended(lines, add_special_tokens=False)["input_ids"] for t in [bos, *ids, eos]]
+    assert document(lines).tolist() == want
+
+
 def test_a_mismatching_fast_path_is_not_used(tmp_path, sp_tokenizer_dir, caplog):
     """A tokenizer.model that does not give the HF tokenizer's ids (here: another model beside the fixture's
     tokenizer.json, loaded with --tokenizer_backend tokenizers) is detected and skipped."""
@@ -116,6 +131,9 @@ def test_fast_and_hf_paths_write_identical_caches_with_workers(tmp_path, tokeniz
     fast, _ = build_token_cache(files, tokenizer, tmp_path / "c1", workers=2, show_progress=False)
     plain, _ = build_token_cache(files, tokenizer, tmp_path / "c2", workers=1, show_progress=False, fast_tokenization=False)
     assert cached_stream(fast) == cached_stream(plain) == hf_stream(tokenizer, data / "a.txt")
+    # The content digest taken from the blocks while tokenizing is the one the cache lookup computes.
+    again, stats = build_token_cache(files, tokenizer, tmp_path / "c1", workers=2, show_progress=False)
+    assert [entry.from_cache for entry in again] == [True] and stats.tokenized_tokens == 0
 
 
 def test_a_bad_byte_found_by_a_worker_names_file_byte_and_line(tmp_path, tokenizer, monkeypatch):

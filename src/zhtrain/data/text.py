@@ -13,6 +13,7 @@ one process per core: the main process only reads raw blocks and writes token ar
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -22,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -210,18 +211,29 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
 
 
-def encode_file_to(path: Path, out_path: Path, encoder: DocumentEncoder, workers: int, progress) -> tuple[int, int]:
-    """Stream one file through the encoder into `out_path` (written to a temp name, then renamed).
+def encode_file_to(
+    path: Path, out_dir: Path, name_output: Callable[[str], Path], encoder: DocumentEncoder, workers: int, progress
+) -> tuple[Path, int, int]:
+    """Stream one file through the encoder into a token file: (its path, tokens, lines).
 
-    With workers, the main process only reads raw blocks and writes arrays: decoding, splitting,
-    tokenizing and flattening all run in the workers. `imap` keeps the order, and its task pipe
-    blocks when full, so memory stays a few blocks per worker whatever the file size.
+    The file is written under a temp name, then renamed to `name_output(content digest)`: the digest
+    (the cache key's first part) is taken from the blocks as they are read, so a file that is surely
+    not cached is read once. With workers, the main process only reads raw blocks and writes arrays:
+    decoding, splitting, tokenizing and flattening all run in the workers. `imap` keeps the order,
+    and its task pipe blocks when full, so memory stays a few blocks per worker whatever the file size.
     """
-    tmp_path = out_path.with_name(f"{out_path.name}.tmp-{os.getpid()}")
+    digest = hashlib.blake2b(digest_size=16)
+    tmp_path = out_dir / f"{path.name}.tokens.tmp-{os.getpid()}"
     n_tokens = n_lines = 0
     pool = None
+
+    def blocks_hashed() -> Iterator[TextBlock]:
+        for block in iter_blocks(path):
+            digest.update(block.data)
+            yield block
+
     try:
-        blocks = iter_blocks(path)
+        blocks = blocks_hashed()
         if workers > 1 and path.stat().st_size > 2 * BATCH_BYTES:
             pool = multiprocessing.get_context("fork").Pool(workers, initializer=_worker_init, initargs=(encoder,))
             results = pool.imap(_worker_encode, blocks, chunksize=1)
@@ -233,13 +245,14 @@ def encode_file_to(path: Path, out_path: Path, encoder: DocumentEncoder, workers
                 n_tokens += int(array.size)
                 n_lines += lines
                 progress.update_tokens(int(array.size))
+        out_path = name_output(digest.hexdigest())
         os.replace(tmp_path, out_path)
     finally:
         if pool is not None:
             pool.terminate()
         if tmp_path.exists():
             tmp_path.unlink()
-    return n_tokens, n_lines
+    return out_path, n_tokens, n_lines
 
 
 class _Progress:
@@ -296,12 +309,16 @@ def build_token_cache(
                 stats.skipped_empty.append(str(path))
                 progress.next_file()
                 continue
-            key = hashlib.blake2b(
-                f"{file_digest(path)}|{fingerprint}|{FORMAT_VERSION}".encode(), digest_size=10
-            ).hexdigest()
-            tokens_path = cache_dir / f"{path.stem}-{key}.tokens"
-            meta_path = tokens_path.with_suffix(".json")
-            meta = _read_meta(meta_path) if not overwrite else None
+
+            def tokens_path_for(content_digest: str, stem: str = path.stem) -> Path:
+                key = hashlib.blake2b(f"{content_digest}|{fingerprint}|{FORMAT_VERSION}".encode(), digest_size=10)
+                return cache_dir / f"{stem}-{key.hexdigest()}.tokens"
+
+            # Hashing the file first is needed only to look for its cache; with no cache file of this
+            # name at all the digest is taken while tokenizing instead (one read, no serial pass).
+            maybe_cached = not overwrite and any(cache_dir.glob(f"{glob.escape(path.stem)}-*.json"))
+            tokens_path = tokens_path_for(file_digest(path)) if maybe_cached else None
+            meta = _read_meta(tokens_path.with_suffix(".json")) if tokens_path is not None else None
             if meta is not None and tokens_path.exists() and tokens_path.stat().st_size == meta["n_tokens"] * dtype.itemsize:
                 entry = CachedFile(path, tokens_path, meta["n_tokens"], meta["n_lines"], meta["dtype"], True)
                 progress.update_tokens(entry.n_tokens)
@@ -313,10 +330,10 @@ def build_token_cache(
                         else hf_encoder(tokenizer)
                     )
                     doc_encoder = DocumentEncoder(encode, tokenizer.bos_token_id, tokenizer.eos_token_id, dtype)
-                n_tokens, n_lines = encode_file_to(path, tokens_path, doc_encoder, workers, progress)
+                tokens_path, n_tokens, n_lines = encode_file_to(path, cache_dir, tokens_path_for, doc_encoder, workers, progress)
                 entry = CachedFile(path, tokens_path, n_tokens, n_lines, dtype.name, False)
                 _write_json_atomic(
-                    meta_path,
+                    tokens_path.with_suffix(".json"),
                     {"source": str(path), "n_tokens": n_tokens, "n_lines": n_lines, "dtype": dtype.name,
                      "tokenizer": fingerprint, "format_version": FORMAT_VERSION},
                 )
