@@ -119,6 +119,26 @@ def test_full_finetuning_saves_a_transformers_model(tmp_path, tiny_model_dir, sp
     assert len(AutoTokenizer.from_pretrained(str(out))) == 400 and (out / "tokenizer.model").is_file()
 
 
+def test_rerunning_a_finished_full_finetuning_changes_nothing(tmp_path, tiny_model_dir, sp_tokenizer_dir):
+    """transformers 5's Trainer resumed at max_steps trains one more step; the rerun of a finished full
+    fine-tuning (here killed while writing its final model) rewrites that model from checkpoint-4."""
+    from safetensors.torch import load_file
+
+    from zhtrain.callbacks import list_checkpoints
+
+    write_alpaca(tmp_path / "d" / "a.json", n=6)
+    argv = flags(tiny_model_dir, sp_tokenizer_dir, tmp_path / "out", "--dataset_dir", str(tmp_path / "d"), steps=4)
+    out = tmp_path / "out"
+    run(argv)
+    first = load_file(str(out / "model.safetensors"))
+    (out / "model.safetensors").unlink()
+    result = run(argv)
+    assert result.metrics["resumed_from"] == str(out / "checkpoint-4") and "train_loss" not in result.metrics
+    assert [step for step, _, _ in list_checkpoints(out)] == [2, 4] and result.trainer.state.global_step == 4
+    again = load_file(str(out / "model.safetensors"))
+    assert set(again) == set(first) and all(torch.equal(first[k], again[k]) for k in first)
+
+
 def test_preprocess_only_writes_one_line_per_sample_and_a_summary(tmp_path, tiny_model_dir, sp_tokenizer_dir, capsys):
     data = write_sharegpt(tmp_path / "conv.json")
     records = json.loads(data.read_text())

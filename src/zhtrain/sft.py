@@ -58,6 +58,7 @@ from zhtrain.train import (
     build_trainer,
     finish_from_checkpoint,
     finished_checkpoint,
+    load_finished_full_model,
     prepare_output_dir,
 )
 from zhtrain.vocab import SEED_VOCAB_SIZES, model_vocab_size, resize_embeddings, untie_embeddings
@@ -211,11 +212,13 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
     metrics: dict = {"trainable_parameters": trainable, "resumed_from": resume_from, "template": template.name}
     data_summaries = {name: {k: v for k, v in vars(s).items() if k != "reasons"} for name, s in summaries.items()}
     metrics.update({f"{name}_{key}": value for name, summary in data_summaries.items() for key, value in summary.items()})
-    if do_train and lora_args.use_lora and finished_checkpoint(resume_from, training_args):
-        finish_from_checkpoint(trainer, resume_from, "sft_lora_model", tokenizer, sp_model)  # a rerun changes nothing
+    finished = do_train and finished_checkpoint(resume_from, training_args)  # a rerun changes nothing
+    if finished and lora_args.use_lora:
+        finish_from_checkpoint(trainer, resume_from, "sft_lora_model", tokenizer, sp_model)
     elif do_train:
-        train_metrics = train_and_log(trainer, training_args, resume_from, len(train_data))
-        metrics.update(train_metrics, world_size=training_args.world_size, engine=type(trainer.model_wrapped).__name__)
+        if not (finished and load_finished_full_model(trainer, resume_from)):
+            train_metrics = train_and_log(trainer, training_args, resume_from, len(train_data))
+            metrics.update(train_metrics, world_size=training_args.world_size, engine=type(trainer.model_wrapped).__name__)
         if not lora_args.use_lora:
             # A collective: every rank takes part in the gather, rank 0 writes.
             fsdp.save_full_model(trainer.model_wrapped, tokenizer, training_args.output_dir, sp_model)

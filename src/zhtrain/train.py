@@ -145,6 +145,38 @@ def finish_from_checkpoint(trainer, checkpoint: str, folder: str, tokenizer, sen
                 checkpoint, trainer.args.max_steps, trainer.args.output_dir, folder)
 
 
+def load_finished_full_model(trainer, checkpoint: str) -> bool:
+    """Full fine-tuning's counterpart of `finish_from_checkpoint`: the final checkpoint's weights and
+    state into the (not yet wrapped) model, so the caller saves them without training a step.
+
+    False, and nothing changed, when the checkpoint holds no full set of weights for this model (e.g.
+    FSDP's sharded state): the caller then resumes through the Trainer as usual.
+    """
+    from transformers import TrainerState
+
+    from zhtrain.weights import iter_shard, open_checkpoint
+
+    try:
+        saved = open_checkpoint(checkpoint, flag="checkpoint")
+    except ZhtrainError:
+        return False
+    model = unwrap(trainer.model)
+    params = model.state_dict()  # tied weights appear under both names, saved under one
+    unique = {id(tensor): name for name, tensor in reversed(list(params.items()))}
+    shapes_match = all(tuple(params[name].shape) == saved.shapes.get(name) for name in unique.values() if name in saved.shapes)
+    covered = {id(params[name]) for name in saved.shapes if name in params}
+    if not shapes_match or covered != set(unique) or any(name not in params for name in saved.shapes):
+        return False
+    with torch.no_grad():
+        for shard in saved.shards:
+            for name, tensor in iter_shard(shard, saved.keys[shard]):
+                params[name].copy_(tensor)
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    logger.info("%s already reached --max_steps %d: nothing to train; the model is that checkpoint's",
+                checkpoint, trainer.args.max_steps)
+    return True
+
+
 def _read_run_file(path: Path) -> Optional[dict]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
