@@ -4,7 +4,8 @@ On SmolLM2-135M-Instruct (real, via zhtrain.assets) and People's Daily 1998-01:
 
 1. extend SmolLM2's tokenizer with --new_tokens Chinese tokens learned (zhtrain tokenizer extend)
    from the first --train_lines lines of the corpus;
-2. evaluate on --eval_lines lines from the END of the corpus (never used to learn tokens or train):
+2. evaluate on --eval_lines lines from the END of the corpus (never used to learn tokens or train,
+   nor to choose contextual's settings: the very last 16 were, and are left out):
    - the un-extended model with its own tokenizer;
    - the extended model right after the resize, for each --new_token_init (step 0);
    - the same after --steps Stage-1 steps (`zhtrain pretrain --training_stage embeddings`, only
@@ -12,7 +13,7 @@ On SmolLM2-135M-Instruct (real, via zhtrain.assets) and People's Daily 1998-01:
 3. print one table. Loss per token is not comparable across tokenizers; bits per character (the
    text's total negative log-likelihood in bits / its characters) is.
 
-    python benchmarks/bench_new_token_init.py [--steps 10] [--new_tokens 3000] [--eval_lines 24]
+    python benchmarks/bench_new_token_init.py [--steps 10] [--new_tokens 3000] [--eval_lines 64]
 """
 
 from __future__ import annotations
@@ -28,14 +29,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 OUT = REPO / "benchmarks" / "out" / "new_token_init"
-INITS = ("subword_mean", "mean", "random")
+INITS = ("subword_mean", "contextual", "mean", "random")
+# The corpus's last 16 eligible lines: where contextual's settings (layer, 20 neighbours, temperature) were
+# chosen (benchmarks/explore_new_token_init.py). They are kept out of the held-out text.
+TUNING_LINES = 16
 
 
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--new_tokens", type=int, default=3000, help="tokens to learn (default: %(default)s)")
     parser.add_argument("--train_lines", type=int, default=2000, help="corpus lines to learn tokens and train on (default: %(default)s)")
-    parser.add_argument("--eval_lines", type=int, default=16, help="held-out lines from the end of the corpus (default: %(default)s)")
+    parser.add_argument("--eval_lines", type=int, default=64,
+                        help="held-out lines from the end of the corpus, before its last 16 (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=10, help="Stage-1 steps per init (default: %(default)s)")
     parser.add_argument("--learning_rate", type=float, default=1e-3, help="Stage-1 learning rate, constant (default: %(default)s)")
     parser.add_argument("--block_size", type=int, default=256)
@@ -55,7 +60,8 @@ def main() -> None:
     model_dir, corpus = assets.ensure_model(), assets.ensure_corpus()
     lines = [line.rstrip("\n") for line in corpus.open(encoding="utf-8") if line.strip()]
     train = lines[: args.train_lines]
-    held_out = [line for line in lines[-2000:] if 40 <= len(line) <= 200][-args.eval_lines :]
+    eligible = [line for line in lines[-2000:] if 40 <= len(line) <= 200]
+    held_out = eligible[-(args.eval_lines + TUNING_LINES) : -TUNING_LINES]
     data_dir = OUT / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "train.txt").write_text("\n".join(train) + "\n", encoding="utf-8")

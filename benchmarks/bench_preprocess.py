@@ -189,6 +189,7 @@ def print_p1(report: dict) -> None:
         vs_raw = s["tokens_per_s"] / kinds["raw"]["tokens_per_s"] if "raw" in kinds else float("nan")
         print(f"  {kind:<14} {s['seconds']:8.2f} {s['mb_per_s']:7.2f} {s['tokens_per_s'] / 1e6:8.2f} {gb(s['peak_pss']):>9}  "
               f"{vs_base:9.2f}x {vs_raw:6.0%}")
+    print("  (peak PSS read at RSS highs only, so as not to slow these runs: a lower bound for forked workers; P2 is the memory figure)")
 
 
 def p2(tokenizer_kind: str, sizes: list[float], workers: int) -> dict:

@@ -1,19 +1,23 @@
 """Exploration for issue 3: new-row inits beyond subword_mean, in bits per character at step 0.
 
-Not a zhtrain feature and not part of `make bench`: a record of what was tried, so it can be rerun.
-Uses the extended tokenizer and the held-out lines of benchmarks/bench_new_token_init.py (run it
-first) and SmolLM2-135M from zhtrain's asset cache. Every init starts from `subword_mean` (what
-`zhtrain pretrain` builds) and replaces the new rows of one or both matrices:
+The record of how `--new_token_init contextual` (src/zhtrain/contextual_init.py) was found, kept so it
+can be rerun; not part of `make bench` (benchmarks/bench_new_token_init.py measures the zhtrain option).
+Uses the extended tokenizer of benchmarks/bench_new_token_init.py (run it first) and SmolLM2-135M from
+zhtrain's asset cache. Every init starts from `subword_mean` (what `zhtrain pretrain` builds) and
+replaces the new rows of one or both matrices:
 
   residual-input   input rows = the base model's residual stream (layer --layer) at the last piece
                    of the token's base spelling, read after [BOS] + pieces
   cjk-mix-output   output rows = a softmax(cos / --tau)-weighted mix of the output rows of the --top
                    old tokens that contain Chinese characters, nearest by the same residual stream
-  both             the two together
+  both             the two together (zhtrain's option takes a quarter of the depth, 7 here, and the
+                   base tokens that share a non-ASCII character with the new ones)
 
+The settings were chosen on the corpus's last 16 eligible lines (`--eval_set last`); `--eval_set before`
+scores the lines before those, which were not looked at.
 No evaluation text is used to build any row.
 
-    python benchmarks/explore_new_token_init.py [--layer 8] [--top 20] [--tau 0.05]
+    python benchmarks/explore_new_token_init.py [--layer 8] [--top 20] [--tau 0.05] [--eval_set last|before]
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--tau", type=float, default=0.05)
     parser.add_argument("--eval_lines", type=int, default=16)
+    parser.add_argument("--eval_set", choices=("last", "before"), default="last",
+                        help="last: the lines the settings were chosen on; before: the lines before them")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -61,7 +67,11 @@ def main() -> None:
     if not (OUT / "tokenizer").is_dir():
         raise SystemExit(f"{OUT / 'tokenizer'}: run benchmarks/bench_new_token_init.py first (it builds the extended tokenizer)")
     lines = [line.rstrip("\n") for line in corpus.open(encoding="utf-8") if line.strip()]
-    held_out = [line for line in lines[-2000:] if 40 <= len(line) <= 200][-args.eval_lines :]  # as bench_new_token_init
+    eligible = [line for line in lines[-2000:] if 40 <= len(line) <= 200]
+    # "last": bench_new_token_init's held-out lines, on which --layer/--top/--tau were chosen;
+    # "before": the eligible lines just before those, never looked at while choosing.
+    end = len(eligible) - (args.eval_lines if args.eval_set == "before" else 0)
+    held_out = eligible[end - args.eval_lines : end]
     base_tok, ext_tok = load_tokenizer(model_dir), load_tokenizer(OUT / "tokenizer")
     base = load_model(model_dir)
     old = len(base_tok)

@@ -119,7 +119,7 @@ def test_mean_and_random_inits(tiny_model_dir):
     resize_embeddings(model, 420, init="random")
     new = model.get_input_embeddings().weight[400:]
     assert not torch.allclose(new, old.mean(0).expand(20, -1)) and not torch.allclose(new[0], new[1])
-    with pytest.raises(ZhtrainError, match="--new_token_init zeros: unknown; choose one of subword_mean, mean, random"):
+    with pytest.raises(ZhtrainError, match="--new_token_init zeros: unknown; choose one of subword_mean, contextual, mean, random"):
         resize_embeddings(model, 430, init="zeros")
 
 
@@ -129,6 +129,59 @@ def test_subword_mean_without_a_base_tokenizer_falls_back_to_the_mean(tiny_model
     resize_embeddings(model, 410, init="subword_mean")
     assert torch.allclose(model.get_input_embeddings().weight[400:], old.mean(0).expand(10, -1))
     assert "needs the model's own tokenizer" in caplog.text
+
+
+def hidden_state_of(model, ids: list[int], layer: int) -> torch.Tensor:
+    """One sequence, no batching or padding: the reference for the batched code."""
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[layer][0, -1]
+
+
+def test_contextual_rows_come_from_the_models_hidden_states(sp_tokenizer_dir, merged_dir, tiny_model_dir):
+    from zhtrain.contextual_init import TEMPERATURE, TOP, candidate_old_tokens, hidden_layer
+
+    base, new = tokenizers(sp_tokenizer_dir, merged_dir)
+    model = load(tiny_model_dir).train()
+    reference = load(tiny_model_dir).eval()
+    old_in = model.get_input_embeddings().weight.detach().clone()
+    old_out = model.get_output_embeddings().weight.detach().clone()
+    resize_embeddings(model, len(new), init="contextual", tokenizer=new, base_tokenizer=base)
+    weight_in, weight_out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert torch.equal(weight_in[:400], old_in) and torch.equal(weight_out[:400], old_out)
+    assert model.training  # put in eval mode for the forwards, then given back
+    pieces = subword_pieces(new, base, 400, len(new))
+    layer = hidden_layer(model)
+    candidates = candidate_old_tokens(new, base, 400, len(new))
+    assert candidates and all(any(ord(c) > 127 and c.isalpha() for c in base.decode([i])) for i in candidates)
+    old_states = torch.stack([hidden_state_of(reference, [base.bos_token_id, i], layer) for i in candidates])
+    huanghe = new.convert_tokens_to_ids("黄河") - 400
+    for offset in (0, huanghe, len(pieces) - 2):
+        state = hidden_state_of(reference, [base.bos_token_id, *pieces[offset]], layer)
+        assert torch.allclose(weight_in[400 + offset], state, atol=1e-5)
+        cosine = torch.nn.functional.cosine_similarity(old_states, state.unsqueeze(0), dim=1)
+        nearest = cosine.topk(min(TOP, len(candidates)))
+        mix = (torch.softmax(nearest.values / TEMPERATURE, 0).unsqueeze(1) * old_out[[candidates[i] for i in nearest.indices]]).sum(0)
+        assert torch.allclose(weight_out[400 + offset], mix, atol=1e-5)
+    assert pieces[-1] == [] and torch.allclose(weight_in[-1], old_in.mean(0), atol=1e-6)  # [PAD]: no spelling, the mean
+
+
+def test_contextual_mixes_letters_not_punctuation(sp_tokenizer_dir, merged_dir):
+    from zhtrain.contextual_init import candidate_old_tokens
+
+    base, new = tokenizers(sp_tokenizer_dir, merged_dir)
+    new.add_tokens(["黄河。"])
+    texts = [base.decode([i]) for i in candidate_old_tokens(new, base, 400, len(new))]
+    assert "黄" in texts and "河" in texts and "。" not in texts and not any(t.endswith("。") for t in texts)
+
+
+def test_contextual_on_tied_embeddings_falls_back_to_subword_mean(byte_level, caplog):
+    base_dir, ext_dir, model_dir = byte_level
+    base, new = tokenizers(base_dir, ext_dir)
+    model, expected = load(model_dir), load(model_dir)
+    resize_embeddings(model, len(new), init="contextual", tokenizer=new, base_tokenizer=base)
+    resize_embeddings(expected, len(new), init="subword_mean", tokenizer=new, base_tokenizer=base)
+    assert "needs separate embed_tokens and lm_head" in caplog.text
+    assert torch.equal(model.get_input_embeddings().weight, expected.get_input_embeddings().weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +280,21 @@ def test_pretrain_starts_new_rows_from_their_pieces_by_default(byte_level, text_
     out = tmp_path / "default"
     run_pretrain(pretrain_argv(model_dir, ext_dir, text_dir, out, "--modules_to_save", "embed_tokens,lm_head", "--max_steps", "1"))
     assert "new rows: subword_mean init, 60 of 60 from base pieces" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_pretrain_unties_then_starts_new_rows_contextually(byte_level, text_dir, tmp_path, capsys):
+    """SmolLM2's layout (tied): training both matrices unties them first, so contextual can run."""
+    base_dir, ext_dir, model_dir = byte_level
+    out = tmp_path / "contextual"
+    result = run_pretrain(pretrain_argv(model_dir, ext_dir, text_dir, out, "--modules_to_save", "embed_tokens,lm_head",
+                                        "--max_steps", "1", "--learning_rate", "0", "--new_token_init", "contextual"))
+    assert "new rows: contextual init, 60 of 60 from base pieces" in capsys.readouterr().out
+    model = result.trainer.model
+    size = len(tokenizers(base_dir, ext_dir)[0])
+    new_in = model.get_input_embeddings().weight[size:]
+    new_out = model.get_output_embeddings().weight[size:]
+    assert not torch.allclose(new_in, new_out)  # untied before the rows were written: each has its own
 
 
 @pytest.mark.slow

@@ -63,7 +63,8 @@ class ModelArguments:
         default="subword_mean",
         metadata={
             "help": "How embedding rows of tokens the model lacks start: subword_mean (the mean of the rows of the "
-            "pieces the model's own tokenizer splits the token into), mean (of all rows), random (the seed).",
+            "pieces the model's own tokenizer splits the token into), contextual (rows from the base model's hidden "
+            "states: a slower, closer start), mean (of all rows), random (the seed).",
             "choices": list(NEW_TOKEN_INITS),
         },
     )

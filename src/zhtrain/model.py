@@ -135,9 +135,10 @@ def fit_vocabulary(model, tokenizer, custom_vocab: bool, untie: bool, new_token_
     `base_tokenizer` (the model's own) lets `subword_mean` start new rows from the pieces that spell them.
     """
     purpose = check_vocab_pair(model_vocab_size(model.config), len(tokenizer), custom_vocab)
-    resize_embeddings(model, len(tokenizer), init=new_token_init, tokenizer=tokenizer, base_tokenizer=base_tokenizer)
+    # Untied first, so that an init may give a new token different input and output rows.
     if untie and untie_embeddings(model):
         logger.info("embed_tokens and lm_head were tied; untied so both can be trained (tie_word_embeddings=false)")
+    resize_embeddings(model, len(tokenizer), init=new_token_init, tokenizer=tokenizer, base_tokenizer=base_tokenizer)
     return purpose
 
 

@@ -52,7 +52,7 @@ from zhtrain.train import (
     finished_checkpoint,
     prepare_output_dir,
 )
-from zhtrain.vocab import check_vocab_pair, model_vocab_size
+from zhtrain.vocab import NEEDS_BASE_TOKENIZER, check_vocab_pair, model_vocab_size
 
 logger = logging.getLogger("zhtrain.pretrain")
 
@@ -204,7 +204,7 @@ def pretrain(model_args, data_args, lora_args, training_args) -> RunResult:
     old_rows = model_vocab_size(config)
     # New rows that are neither trained nor saved must be what merge/generate rebuild: the mean.
     init = model_args.new_token_init if {"embed_tokens", "lm_head"} <= set(lora_args.modules_to_save_list) else "mean"
-    base_tokenizer = load_base_tokenizer(model_args, tokenizer) if init == "subword_mean" and len(tokenizer) > old_rows else None
+    base_tokenizer = load_base_tokenizer(model_args, tokenizer) if init in NEEDS_BASE_TOKENIZER and len(tokenizer) > old_rows else None
     fit_vocabulary(model, tokenizer, model_args.custom_vocab, untie=trains_lm_head, new_token_init=init, base_tokenizer=base_tokenizer)
     if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}

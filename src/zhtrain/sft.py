@@ -61,7 +61,7 @@ from zhtrain.train import (
     load_finished_full_model,
     prepare_output_dir,
 )
-from zhtrain.vocab import SEED_VOCAB_SIZES, model_vocab_size, resize_embeddings, untie_embeddings
+from zhtrain.vocab import NEEDS_BASE_TOKENIZER, SEED_VOCAB_SIZES, model_vocab_size, resize_embeddings, untie_embeddings
 
 logger = logging.getLogger("zhtrain.sft")
 
@@ -173,7 +173,7 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
     saves_new_rows = not lora_args.use_lora or {"embed_tokens", "lm_head"} <= set(fully_trained)
     init = model_args.new_token_init if saves_new_rows else "mean"
     grows = len(tokenizer) > model_vocab_size(model.config)
-    base_tokenizer = load_base_tokenizer(model_args, tokenizer) if init == "subword_mean" and grows else None
+    base_tokenizer = load_base_tokenizer(model_args, tokenizer) if init in NEEDS_BASE_TOKENIZER and grows else None
     grew = fit_vocabulary(model, tokenizer, trains_lm_head="lm_head" in fully_trained, init=init, base_tokenizer=base_tokenizer)
     if grew and lora_args.use_lora and "embed_tokens" not in fully_trained:
         logger.warning("the new tokens' embedding rows stay untrained under LoRA; add --modules_to_save embed_tokens,lm_head to train them")
@@ -311,16 +311,17 @@ def fit_vocabulary(model, tokenizer, trains_lm_head: bool, init: str = "mean", b
     whether it grew."""
     rows, size = model_vocab_size(model.config), len(tokenizer)
     grew = size > rows
+    # Untied first, so that an init may give a new token different input and output rows.
+    if trains_lm_head and untie_embeddings(model):
+        logger.info("embed_tokens and lm_head were tied; untied so both can be trained (tie_word_embeddings=false)")
     if grew:
         resize_embeddings(model, size, init=init, tokenizer=tokenizer, base_tokenizer=base_tokenizer)
         logger.warning("model resized from %d to %d tokens to fit the tokenizer (new rows: --new_token_init %s)", rows, size,
-                       init if init != "subword_mean" or base_tokenizer is not None else "mean, no base tokenizer")
+                       init if init not in NEEDS_BASE_TOKENIZER or base_tokenizer is not None else "mean, no base tokenizer")
     elif size < rows and rows in SEED_VOCAB_SIZES:
         raise ZhtrainError(
             f"tokenizer has {size} tokens but the model has {rows} rows: this is not the model's tokenizer; pass the tokenizer the model was trained with"
         )
-    if trains_lm_head and untie_embeddings(model):
-        logger.info("embed_tokens and lm_head were tied; untied so both can be trained (tie_word_embeddings=false)")
     return grew
 
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from zhtrain.distributed import full_shape, gathered
+from zhtrain.distributed import full_shape, gathered, is_zero3_partitioned
 from zhtrain.errors import ZhtrainError
 
 logger = logging.getLogger(__name__)
@@ -57,9 +57,13 @@ def check_vocab_pair(model_vocab: int, tokenizer_len: int, custom_vocab: bool = 
 NEW_TOKEN_INITS: dict[str, str] = {
     "subword_mean": "each new row (input and output) = the mean of the rows of the pieces the base tokenizer "
     "splits the new token into (byte pieces included); the mean of all rows when it has none",
+    "contextual": "from the base model's own computation (zhtrain.contextual_init): the input row is its hidden "
+    "state after reading the token's pieces, the output row a similarity-weighted mix of the output rows of base "
+    "tokens in the same script; subword_mean where that cannot run (tied embeddings, ZeRO-3, no pieces)",
     "mean": "every new row = the mean of all existing rows",
     "random": "the model's own random initialisation (what the seed's resize did)",
 }
+NEEDS_BASE_TOKENIZER = ("subword_mean", "contextual")  # split each new token with the model's own tokenizer
 
 
 def resize_embeddings(model, new_size: int, init: str = "mean", tokenizer=None, base_tokenizer=None) -> int:
@@ -76,21 +80,48 @@ def resize_embeddings(model, new_size: int, init: str = "mean", tokenizer=None, 
     if new_size <= old_size:
         return 0
     pieces = None
-    if init == "subword_mean":
+    if init in NEEDS_BASE_TOKENIZER:
         if tokenizer is None or base_tokenizer is None:
-            logger.warning("--new_token_init subword_mean needs the model's own tokenizer; none found, so new rows use mean")
+            logger.warning("--new_token_init %s needs the model's own tokenizer; none found, so new rows use mean", init)
             init = "mean"
         else:
             pieces = subword_pieces(tokenizer, base_tokenizer, old_size, new_size)
+    contextual = None
+    if init == "contextual":
+        contextual = _contextual_or_none(model, tokenizer, base_tokenizer, pieces, old_size)
+        init = "contextual" if contextual is not None else "subword_mean"
     model.resize_token_embeddings(new_size, mean_resizing=False)
     if init != "random":
         # gathered: under ZeRO-3 the rows are written on the whole matrices (rank 0's values are kept).
         with torch.no_grad(), gathered(_embedding_matrices(model)):
             for embedding in _embedding_matrices(model):
                 init_new_rows(embedding, old_size, pieces)
+    if contextual is not None:
+        rows, inputs, outputs = contextual
+        with torch.no_grad():
+            table = model.get_input_embeddings().weight
+            table[old_size + rows.to(table.device)] = inputs.to(table.device, table.dtype)
+            if outputs is not None:
+                table = model.get_output_embeddings().weight
+                table[old_size + rows.to(table.device)] = outputs.to(table.device, table.dtype)
     found = f", {sum(1 for p in pieces if p):,} of {len(pieces):,} from base pieces" if pieces is not None else ""
     logger.info("resized embeddings %d -> %d (new rows: %s init%s)", old_size, new_size, init, found)
     return new_size - old_size
+
+
+def _contextual_or_none(model, tokenizer, base_tokenizer, pieces: list[list[int]], old_size: int):
+    """The contextual rows, or None (with the reason logged) where they cannot be written apart."""
+    from zhtrain.contextual_init import contextual_rows
+
+    matrices = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is None or output.weight is matrices[0]:
+        logger.warning("--new_token_init contextual needs separate embed_tokens and lm_head (train both); using subword_mean")
+        return None
+    if is_zero3_partitioned(model.parameters()):
+        logger.warning("--new_token_init contextual cannot run the model under ZeRO-3 before training; using subword_mean")
+        return None
+    return contextual_rows(model, tokenizer, base_tokenizer, pieces, old_size)
 
 
 def init_new_rows(embedding: torch.Tensor, old_size: int, pieces: Optional[list[list[int]]] = None) -> None:
