@@ -35,22 +35,9 @@ from bench_new_token_init import OUT, bits_per_character, load_model, load_token
 CJK = re.compile(r"[\u4e00-\u9fff]")
 
 
-def residual_at_last_piece(model, bos: int, spellings: list[list[int]], layer: int, batch: int = 128) -> torch.Tensor:
-    """Hidden state after `layer` blocks at the last id of [BOS] + spelling, one row per spelling."""
-    rows = []
-    for start in range(0, len(spellings), batch):
-        seqs = [[bos] + ids for ids in spellings[start : start + batch]]
-        width = max(map(len, seqs))
-        ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-        with torch.no_grad():
-            hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[layer]
-        rows.append(hidden[torch.arange(len(seqs)), torch.tensor([len(s) - 1 for s in seqs])].float())
-    return torch.cat(rows)
-
-
 def main() -> None:
     from zhtrain import assets
+    from zhtrain.contextual_init import last_hidden_states
     from zhtrain.vocab import subword_pieces
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -84,8 +71,9 @@ def main() -> None:
     spelled = [k for k, ids in enumerate(pieces) if ids]
     new_rows = torch.tensor(spelled) + old
     chinese_old = torch.tensor([i for i in range(old) if CJK.search(base_tok.decode([i]))])
-    new_repr = residual_at_last_piece(base, base_tok.bos_token_id, [pieces[k] for k in spelled], args.layer)
-    old_repr = residual_at_last_piece(base, base_tok.bos_token_id, [[int(i)] for i in chinese_old], args.layer)
+    with torch.no_grad():  # the same reading of the model as zhtrain's --new_token_init contextual
+        new_repr = last_hidden_states(base, base_tok.bos_token_id, [pieces[k] for k in spelled], args.layer)
+        old_repr = last_hidden_states(base, base_tok.bos_token_id, [[int(i)] for i in chinese_old], args.layer)
     similarity = torch.nn.functional.normalize(new_repr, dim=1) @ torch.nn.functional.normalize(old_repr, dim=1).T
     nearest = similarity.topk(min(args.top, len(chinese_old)), dim=1)
     weights = torch.softmax(nearest.values / args.tau, dim=1)

@@ -143,7 +143,8 @@ def test_shared_originals_train_and_save_exactly_as_peft_copies(tiny_model_dir):
 def test_nothing_is_shared_under_zero3_partitions(tiny_model_dir):
     model, _ = peft_model(tiny_model_dir, share=False)
     for wrapper in wrappers(model):
-        wrapper.original_module.weight.ds_numel = wrapper.original_module.weight.numel()  # as deepspeed.zero.Init marks them
+        weight = wrapper.original_module.weight  # marked as deepspeed.zero.Init marks a partitioned parameter
+        weight.ds_id, weight.ds_numel = id(weight), weight.numel()
     assert share_trained_copies(model) == 0
     assert all(w.original_module.weight is not w.modules_to_save["default"].weight for w in wrappers(model))
 

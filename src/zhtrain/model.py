@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from zhtrain.distributed import full_numel
+from zhtrain.distributed import full_numel, is_zero3_partitioned
 from zhtrain.errors import ZhtrainError, refused_pickle
 from zhtrain.vocab import check_vocab_pair, model_vocab_size, resize_embeddings, untie_embeddings
 
@@ -230,7 +230,7 @@ def share_trained_copies(model) -> int:
         trained = next(iter(wrapper.modules_to_save.values()))
         originals = dict(wrapper.original_module.named_parameters())
         pairs = list(trained.named_parameters())
-        if any(hasattr(p, "ds_numel") for p in (*originals.values(), *(q for _, q in pairs))):
+        if is_zero3_partitioned([*originals.values(), *(q for _, q in pairs)]):
             continue
         if sorted(originals) != sorted(n for n, _ in pairs) or any(originals[n].shape != q.shape for n, q in pairs):
             continue

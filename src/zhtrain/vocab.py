@@ -113,9 +113,7 @@ def _contextual_or_none(model, tokenizer, base_tokenizer, pieces: list[list[int]
     """The contextual rows, or None (with the reason logged) where they cannot be written apart."""
     from zhtrain.contextual_init import contextual_rows
 
-    matrices = [model.get_input_embeddings().weight]
-    output = model.get_output_embeddings()
-    if output is None or output.weight is matrices[0]:
+    if len(_embedding_matrices(model)) < 2:  # tied (or no lm_head): one matrix for both rows
         logger.warning("--new_token_init contextual needs separate embed_tokens and lm_head (train both); using subword_mean")
         return None
     if is_zero3_partitioned(model.parameters()):
