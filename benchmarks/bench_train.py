@@ -142,8 +142,8 @@ def run_trial(kind: str, paths, steps: int) -> dict:
     tokenizer, model, data, cache = paths
     out = OUT / "scratch-train"
     shutil.rmtree(out, ignore_errors=True)
-    code = {"baseline": BASELINE, "baseline-passive": BASELINE, "zhtrain": ZHTRAIN, "zhtrain-plain": ZHTRAIN}[kind]
-    extra = ["--chunked_loss", "False"] if kind == "zhtrain-plain" else []
+    code = {"baseline": BASELINE, "baseline-passive": BASELINE, "zhtrain": ZHTRAIN, "zhtrain-plain": ZHTRAIN, "zhtrain-redraw": ZHTRAIN}[kind]
+    extra = {"zhtrain-plain": ["--chunked_loss", "False"], "zhtrain-redraw": ["--keep_dropout_masks", "False"]}.get(kind, [])
     # zhtrain sets OMP_WAIT_POLICY=PASSIVE for itself; the baseline runs with the user's environment,
     # and baseline-passive with that one setting, to separate the thread policy from the rest.
     env = dict(ENV, OMP_WAIT_POLICY="PASSIVE") if kind == "baseline-passive" else ENV
@@ -162,7 +162,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--kinds", default="baseline,zhtrain,baseline-passive",
                         help="baseline, zhtrain, baseline-passive (the baseline with OMP_WAIT_POLICY=PASSIVE, as zhtrain "
-                             "sets it); also zhtrain-plain (zhtrain with --chunked_loss False)")
+                             "sets it); also zhtrain-plain (zhtrain with --chunked_loss False), zhtrain-redraw (--keep_dropout_masks False)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     kinds = args.kinds.split(",")

@@ -144,6 +144,12 @@ class ZhtrainTrainingArguments(TrainingArguments):
                           "tokens x vocab logits never exist whole (same loss and gradients; see zhtrain/loss.py). "
                           "--chunked_loss False uses the model's own loss."},
     )
+    keep_dropout_masks: bool = field(
+        default=True,
+        metadata={"help": "With --gradient_checkpointing on CPU, each LoRA dropout mask is drawn once and kept for the "
+                          "backward pass instead of drawn again (same values; see zhtrain/checkpointing.py). "
+                          "--keep_dropout_masks False draws them twice, as PyTorch does."},
+    )
     report_to: Optional[str] = field(
         default=None,
         metadata={"help": "Where to log: tensorboard (the default when it is installed, else none), wandb, all, none."},

@@ -81,8 +81,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # d(sum CE)/d logits = softmax - one_hot(target), zero on ignored rows; in place.
                 grad_logits = log_probs.exp_()
                 grad_logits[torch.arange(n, device=t.device), safe_t] -= 1.0
-                if not all_valid:
-                    grad_logits.masked_fill_(~valid.unsqueeze(1), 0.0)
+                if not all_valid:  # only the ignored rows are written (a block's last row: no next token)
+                    grad_logits.index_fill_(0, (~valid).nonzero().squeeze(1), 0.0)
                 g = grad_logits.to(compute_dtype)
                 if want_hidden_grad:
                     grad_hidden[start : start + n] = (torch.mm(g, w).float() * scale).to(hidden.dtype)

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from zhtrain.args import LoraArguments, ModelArguments, ZhtrainTrainingArguments, parse_args
+from zhtrain.checkpointing import set_checkpointing_kwargs
 from zhtrain.data.text import load_text_blocks
 from zhtrain.distributed import data_first
 from zhtrain.errors import ZhtrainError, run_command
@@ -206,11 +207,10 @@ def pretrain(model_args, data_args, lora_args, training_args) -> RunResult:
     init = model_args.new_token_init if {"embed_tokens", "lm_head"} <= set(lora_args.modules_to_save_list) else "mean"
     base_tokenizer = load_base_tokenizer(model_args, tokenizer) if init in NEEDS_BASE_TOKENIZER and len(tokenizer) > old_rows else None
     fit_vocabulary(model, tokenizer, model_args.custom_vocab, untie=trains_lm_head, new_token_init=init, base_tokenizer=base_tokenizer)
-    if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
-        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     # PEFT's frozen copies of embed_tokens/lm_head are dropped unless an engine shards or flattens the weights.
     model = apply_lora(model, lora_args, training_args.gradient_checkpointing,
                        drop_frozen_copies=not (training_args.deepspeed or training_args.fsdp))
+    set_checkpointing_kwargs(model, training_args)
     if lora_args.training_stage == "embeddings":
         train_embeddings_only(model, first_row=old_rows if lora_args.train_new_rows_only else 0)
     if (training_args.fp16 or training_args.bf16) and not training_args.deepspeed:

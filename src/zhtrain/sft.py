@@ -32,6 +32,7 @@ from transformers import TrainerCallback
 
 from zhtrain import fsdp
 from zhtrain.args import LoraArguments, ModelArguments, ZhtrainTrainingArguments, parse_args
+from zhtrain.checkpointing import set_checkpointing_kwargs
 from zhtrain.data.chat import LoadStats, find_data_files, load_conversations
 from zhtrain.data.supervised import (
     LazySupervisedDataset,
@@ -177,8 +178,6 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
     grew = fit_vocabulary(model, tokenizer, trains_lm_head="lm_head" in fully_trained, init=init, base_tokenizer=base_tokenizer)
     if grew and lora_args.use_lora and "embed_tokens" not in fully_trained:
         logger.warning("the new tokens' embedding rows stay untrained under LoRA; add --modules_to_save embed_tokens,lm_head to train them")
-    if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
-        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     if lora_args.use_lora:
         if training_args.fsdp:
             raise ZhtrainError("--fsdp with LoRA: an adapter is small; use DDP or --deepspeed for LoRA SFT, FSDP for full fine-tuning")
@@ -192,6 +191,7 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
             classes = fsdp.layer_classes(model, (training_args.fsdp_config or {}).get("transformer_layer_cls_to_wrap"))
             training_args.fsdp_plugin_args["transformer_cls_names_to_wrap"] = ",".join(c.__name__ for c in classes)
             logger.info("FSDP wraps each %s", "/".join(c.__name__ for c in classes))
+    set_checkpointing_kwargs(model, training_args)
     warn_if_pure_half(model, training_args)
     trainable, total = count_parameters(model)
     logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
