@@ -61,7 +61,7 @@ def main(argv=None) -> None:
         t = time.perf_counter()
         report["p2"] = bench_preprocess.main(p2_args)["p2"]
         durations["P2"] = time.perf_counter() - t
-    p3_args = ["--steps", "24", "--repeats", "1" if args.quick else "3"]
+    p3_args = ["--steps", "24", "--repeats", "1" if args.quick else "3", "--kinds", "baseline,zhtrain,baseline-passive,zhtrain-redraw"]
     if "p3" not in skip:
         commands.append("python benchmarks/bench_train.py " + " ".join(p3_args))
         t = time.perf_counter()
@@ -133,6 +133,10 @@ def targets(report: dict) -> list[tuple[str, str, str, str]]:
             passive = kinds["baseline-passive"]
             measured += (f"; vs the baseline with zhtrain's thread policy (OMP_WAIT_POLICY=PASSIVE): "
                          f"{ours['tokens_per_s'] / passive['tokens_per_s']:.2f}x")
+        if "zhtrain-redraw" in kinds:
+            redraw = kinds["zhtrain-redraw"]
+            measured += (f"; zhtrain drawing LoRA dropout masks twice (--keep_dropout_masks False): "
+                         f"{redraw['tokens_per_s']:.0f} tokens/s, loss gap {bench_train.max_loss_gap(redraw['losses'], ours['losses']):.1e} to zhtrain")
         rows.append(("P3 pre-training tokens/s (4 layers, hidden 256, vocab 49953, block 512)",
                      ">= 1.3x baseline, loss curve equal (first 20 steps within 1e-4)", measured,
                      yes(speed >= 1.3 and gap <= 1e-4)))
@@ -231,11 +235,12 @@ otherwise idle cores: baseline 490-604 tokens/s spinning vs 534-590 passive); wh
 on the cores, OpenMP's spinning threads slow each other down several-fold (zhtrain 46-52 vs 347-381
 tokens/s measured on this shared machine), so a median that includes such a run overstates the ratio
 zhtrain / baseline. What differs in zhtrain: the chunked lm_head loss (no `block x vocab` logits, each
-chunk's gradients formed at once, the 1/N normaliser applied inside the chunks) and PEFT's frozen
-originals of embed_tokens/lm_head sharing the trained tensors (98 MB here). The same in both: the
-three lm_head matmuls (~46% of a step), LoRA dropout masks drawn twice under gradient checkpointing,
-fused AdamW over the 25.6 M trained weights, their dense gradients and clipping; so about 1.2x is the
-ceiling without changing results. Memory floor: fp32 weights + gradients + AdamW states of the trained
+chunk's gradients formed at once, the 1/N normaliser applied inside the chunks), PEFT's frozen
+originals of embed_tokens/lm_head sharing the trained tensors (98 MB here), and LoRA dropout masks
+drawn once instead of again in the checkpointed recompute (`zhtrain-redraw` draws them twice; a draw
+costs ~13 ns an element on CPU). The same in both: the three lm_head matmuls (~46% of a step), the
+zero-filled dense embedding gradient, fused AdamW over the 25.6 M trained weights, their dense
+gradients and clipping; so about 1.2x is the ceiling without changing results. Memory floor: fp32 weights + gradients + AdamW states of the trained
 weights (0.42 GB) plus the libraries (0.36 GB) are already 0.63x of the baseline's peak. Of both
 peaks, ~0.12 GB are clean file-backed pages of the model's memory-mapped safetensors (the process's
 RssFile grows by 123 MB while the model is set up, as PEFT copies embed_tokens/lm_head): counted in
