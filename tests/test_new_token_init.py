@@ -165,6 +165,25 @@ def test_contextual_rows_come_from_the_models_hidden_states(sp_tokenizer_dir, me
     assert pieces[-1] == [] and torch.allclose(weight_in[-1], old_in.mean(0), atol=1e-6)  # [PAD]: no spelling, the mean
 
 
+def test_contextual_states_stop_at_their_layer(tiny_model_dir):
+    from zhtrain.contextual_init import last_hidden_states
+
+    model = load(tiny_model_dir).eval()
+    layers = model.get_decoder().layers
+    assert len(layers) >= 2
+    ran_last = []
+    handle = layers[-1].register_forward_hook(lambda *args: ran_last.append(1))
+    spellings = [[5, 9, 7], [11], [4, 30]]
+    with torch.no_grad():
+        states = last_hidden_states(model, 1, spellings, 1)
+    handle.remove()
+    assert not ran_last, "the layers after the state read do not run"
+    for row, ids in zip(states, spellings):
+        assert torch.allclose(row, hidden_state_of(model, [1, *ids], 1), atol=1e-5)
+    with torch.no_grad():  # the embeddings' state (0) and the last layer's: whole forwards
+        assert torch.allclose(last_hidden_states(model, 1, spellings[:1], 0)[0], hidden_state_of(model, [1, 5, 9, 7], 0))
+
+
 def test_contextual_mixes_letters_not_punctuation(sp_tokenizer_dir, merged_dir):
     from zhtrain.contextual_init import candidate_old_tokens
 

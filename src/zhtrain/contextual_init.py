@@ -11,8 +11,8 @@ averaged row does both badly. This init asks the model itself:
   letters appear in (for Chinese: the base's CJK tokens), each weighted by softmax(cosine / 0.05) between
   its hidden state (read alone, same layer) and the new token's, over its 20 nearest.
 
-It costs one forward pass of the model per new token and per candidate over a few positions
-(seconds for a small model on a CPU, a GPU for a 7B one). Measured in
+It costs a quarter of a forward pass of the model (the layers up to the state read) per new token and
+per candidate over a few positions (seconds for a small model on a CPU, a GPU for a 7B one). Measured in
 `benchmarks/bench_new_token_init.py`; the settings were chosen on other lines than the ones reported.
 """
 
@@ -36,6 +36,36 @@ def hidden_layer(model) -> int:
     return max(1, layers // 4)
 
 
+class _Reached(Exception):
+    """Raised by a forward hook once the wanted layer has run: the rest of the model is not needed."""
+
+
+def _hidden_state(model, layer: int, **inputs) -> torch.Tensor:
+    """`hidden_states[layer]` of a forward pass, without running the layers after it nor the lm_head
+    (three quarters of the model at `hidden_layer`): a hook on decoder layer `layer - 1` takes its
+    output and stops the pass. Models without `get_decoder().layers` run whole."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not 1 <= layer < len(layers):
+        return model(**inputs, output_hidden_states=True, use_cache=False).hidden_states[layer]
+    reached: list[torch.Tensor] = []
+
+    def stop(module, args, output):
+        reached.append(output[0] if isinstance(output, tuple) else output)
+        raise _Reached
+
+    handle = layers[layer - 1].register_forward_hook(stop)
+    try:
+        model(**inputs, use_cache=False)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if not reached:
+        raise RuntimeError(f"{type(model).__name__}: decoder layer {layer - 1} did not run")
+    return reached[0]
+
+
 def last_hidden_states(model, bos: Optional[int], spellings: list[list[int]], layer: int) -> torch.Tensor:
     """Hidden state number `layer` at the last id of `[BOS] + spelling`, one fp32 row per spelling."""
     device = model.get_input_embeddings().weight.device
@@ -46,7 +76,7 @@ def last_hidden_states(model, bos: Optional[int], spellings: list[list[int]], la
         width = max(map(len, seqs))
         ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=device)  # right padding: masked
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states[layer]
+        hidden = _hidden_state(model, layer, input_ids=ids, attention_mask=mask)
         rows.append(hidden[torch.arange(len(seqs), device=device), mask.sum(1) - 1].float())
     return torch.cat(rows)
 
