@@ -317,10 +317,12 @@ def test_kept_mask_dropout_is_plain_dropout_in_values():
         assert torch.equal(dropout(x), second)
         torch.manual_seed(4)
         part = torch.nn.Dropout(p)(x[:, :5])
+        after_part = torch.get_rng_state()
         torch.manual_seed(4)
         dropout(x)
         torch.manual_seed(4)
         assert torch.equal(dropout(x[:, :5]), part), "another shape from the same state: drawn, not the kept mask"
+        assert torch.equal(torch.get_rng_state(), after_part), "and the generator moved as far as that draw"
     assert KeptMaskDropout(0.5).eval()(x) is x
 
 
