@@ -165,6 +165,11 @@ class ZhtrainTrainingArguments(TrainingArguments):
             self.warmup_steps = float(self.warmup_ratio)
         if self.evaluation_strategy is not None:
             self.eval_strategy = self.evaluation_strategy
+        # The seed's --gradient_checkpointing[_kwargs]: transformers 5.x calls them deprecated aliases of
+        # activation_checkpointing[_kwargs] and warns on every run; same meaning, so move them over quietly.
+        for old, new in (("gradient_checkpointing", "activation_checkpointing"), ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+            if hasattr(self, new) and getattr(self, new) is None and getattr(self, old) is not None:
+                setattr(self, new, getattr(self, old))
         if self.fsdp_transformer_layer_cls_to_wrap:
             config = dict(self.fsdp_config or {}) if not isinstance(self.fsdp_config, str) else _read_json(self.fsdp_config)
             config["transformer_layer_cls_to_wrap"] = split_names(self.fsdp_transformer_layer_cls_to_wrap)
