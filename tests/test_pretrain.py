@@ -178,8 +178,15 @@ def seed_script_args(script: Path, substitutions: dict) -> list[str]:
 
 
 def test_run_pt_sh_flags_parse_with_the_seed_meaning():
+    import warnings
+
     argv = seed_script_args(REPO / "examples" / "run_pt.sh", {})
-    model_args, data_args, lora_args, training_args = parse_pretrain_args(argv)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model_args, data_args, lora_args, training_args = parse_pretrain_args(argv)
+    # --gradient_checkpointing is the seed's flag: read under transformers 5's name, without its deprecation warning.
+    assert getattr(training_args, "activation_checkpointing", True) is True
+    assert not [w for w in caught if "gradient_checkpointing" in str(w.message)]
     assert training_args.learning_rate == 2e-4 and training_args.warmup_steps == 0.05
     assert training_args.lr_scheduler_type == "cosine" and training_args.weight_decay == 0.01
     assert training_args.max_steps == 100 and training_args.save_steps == 500 and training_args.save_total_limit == 3
