@@ -154,6 +154,30 @@ def test_two_processes_train_like_one(tmp_path, small_model, sp_tokenizer_dir, c
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
 
+@pytest.mark.slow
+def test_two_processes_with_checkpointing_keep_dropout_masks_and_train_the_same(tmp_path, small_model, sp_tokenizer_dir, corpus):
+    """LoRA dropout under gradient checkpointing, 2 processes: each rank's masks kept from its own
+    generator train exactly as masks drawn again in the recompute (--keep_dropout_masks False)."""
+
+    def ddp(name: str, *extra: str):
+        out = tmp_path / name
+        cmd = [*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "zhtrain.pretrain",
+               *flags(small_model, sp_tokenizer_dir, corpus, out, tmp_path / "cache", 1,
+                      "--lora_dropout", "0.1", "--gradient_checkpointing", *extra)]
+        log = run(cmd, tmp_path)
+        text = log.stdout + log.stderr
+        assert text.count("trained with engine DistributedDataParallel, world size 2") == 1
+        return text, losses_of(out), adapter_of(out)
+
+    kept_log, kept_losses, kept_adapter = ddp("kept")
+    redrawn_log, redrawn_losses, redrawn_adapter = ddp("redrawn", "--keep_dropout_masks", "False")
+    assert "draw each mask once" in kept_log and "draw each mask once" not in redrawn_log
+    assert len(kept_losses) == 4 and kept_losses == redrawn_losses
+    assert kept_adapter.keys() == redrawn_adapter.keys()
+    for key in kept_adapter:
+        assert torch.equal(kept_adapter[key], redrawn_adapter[key]), key
+
+
 # ---------------------------------------------------------------------------------------------
 # (2) the seed's multi-node command, two nodes on loopback
 
