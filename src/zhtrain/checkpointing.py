@@ -77,7 +77,8 @@ def set_checkpointing_kwargs(model: nn.Module, training_args) -> None:
         if swapped:
             logger.info("gradient checkpointing: %d LoRA dropouts draw each mask once, not again in the recompute", swapped)
     # transformers 5.x renamed the field; after TrainingArguments.__post_init__ only the new name is read.
-    field = "activation_checkpointing_kwargs" if hasattr(training_args, "activation_checkpointing_kwargs") else "gradient_checkpointing_kwargs"
-    if getattr(training_args, field) is None:
-        setattr(training_args, field, {"use_reentrant": False})
-        training_args.gradient_checkpointing_kwargs = getattr(training_args, field)  # the old name mirrors the new one
+    read_field = "activation_checkpointing_kwargs" if hasattr(training_args, "activation_checkpointing_kwargs") else "gradient_checkpointing_kwargs"
+    if getattr(training_args, read_field) is None:
+        kwargs = {"use_reentrant": False}
+        setattr(training_args, read_field, kwargs)
+        training_args.gradient_checkpointing_kwargs = kwargs  # the old name mirrors the new one
