@@ -76,9 +76,7 @@ def set_checkpointing_kwargs(model: nn.Module, training_args) -> None:
         swapped = keep_lora_dropout_masks(model)
         if swapped:
             logger.info("gradient checkpointing: %d LoRA dropouts draw each mask once, not again in the recompute", swapped)
-    # transformers 5.x renamed the field; after TrainingArguments.__post_init__ only the new name is read.
-    read_field = "activation_checkpointing_kwargs" if hasattr(training_args, "activation_checkpointing_kwargs") else "gradient_checkpointing_kwargs"
-    if getattr(training_args, read_field) is None:
-        kwargs = {"use_reentrant": False}
-        setattr(training_args, read_field, kwargs)
-        training_args.gradient_checkpointing_kwargs = kwargs  # the old name mirrors the new one
+    # transformers 5.x renamed the field: after TrainingArguments.__post_init__ the Trainer reads only the
+    # new name (the old one mirrors it, so it tells whether the user gave kwargs); both are set.
+    if training_args.gradient_checkpointing_kwargs is None:
+        training_args.activation_checkpointing_kwargs = training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
