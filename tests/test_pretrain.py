@@ -121,6 +121,39 @@ def test_resume_continues_the_same_run(tmp_path, tiny_model_dir, sp_tokenizer_di
         assert entry["loss"] == pytest.approx(full_losses[entry["step"]], abs=1e-5)
 
 
+def test_resized_run_checkpoints_hold_embeddings_once_and_resume(tmp_path, tiny_model_dir, sp_tokenizer_dir, text_dir):
+    """After a resize PEFT's Trainer checkpoint would store embed_tokens/lm_head three times; zhtrain's
+    checkpoint file is the adapter folder's (one copy each, one file on disk), and resuming from it
+    continues the run exactly."""
+    import shutil
+
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    bigger = tmp_path / "bigger_tok"
+    tok = AutoTokenizer.from_pretrained(str(sp_tokenizer_dir))
+    tok.add_tokens(["白日依山尽", "黄河入海流", "number"])
+    tok.save_pretrained(str(bigger))
+    out = tmp_path / "out"
+    argv = flags(tiny_model_dir, bigger, text_dir, out, "--custom_vocab", steps=6)
+    full = run(argv)
+    full_losses = {e["step"]: e["loss"] for e in full.trainer.state.log_history if "loss" in e}
+    checkpoint = out / "checkpoint-4"
+    trainer_file = checkpoint / "adapter_model.safetensors"
+    with safe_open(str(trainer_file), "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    vocab_sized = sorted(k for k, shape in shapes.items() if shape[0] == 403)
+    assert vocab_sized == ["base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"], vocab_sized
+    assert trainer_file.samefile(checkpoint / "pt_lora_model" / "adapter_model.safetensors")
+    shutil.rmtree(out / "checkpoint-6")  # as if killed after saving checkpoint-4
+    resumed = run(argv)
+    assert resumed.metrics["resumed_from"] == str(checkpoint)
+    history = [e for e in resumed.trainer.state.log_history if "loss" in e and e["step"] > 4]
+    assert [e["step"] for e in history] == [5, 6]
+    for entry in history:
+        assert entry["loss"] == pytest.approx(full_losses[entry["step"]], abs=1e-5)
+
+
 def test_checkpoints_of_another_run_are_refused(tmp_path, tiny_model_dir, sp_tokenizer_dir, text_dir):
     out = tmp_path / "out"
     run(flags(tiny_model_dir, sp_tokenizer_dir, text_dir, out, steps=2))
