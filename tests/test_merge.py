@@ -60,6 +60,8 @@ def test_single_merge_equals_peft(world, tmp_path):
     assert "lm_head.weight" in index["weight_map"] and index["metadata"]["total_size"] > 0
     assert {"tokenizer.model", "tokenizer.json", "config.json", "generation_config.json", "zhtrain_merge.json"} <= {p.name for p in out.iterdir()}
     assert summary["verification"]["max_abs_logit_diff"] <= TOL
+    # The shards have the mode every other file gets (safetensors itself writes 0600 whatever the umask).
+    assert {p.stat().st_mode & 0o777 for p in out.glob("*.safetensors")} == {(out / "config.json").stat().st_mode & 0o777}
     ids = sample_ids(400)
     merged, reference = logits(load_model(out), ids), logits(peft_reference(world["base"], [world["first"]], [400]), ids)
     assert (merged - reference).abs().max() <= TOL

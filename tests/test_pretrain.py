@@ -55,6 +55,10 @@ def test_adapter_folder_reloads_to_the_trained_model(tmp_path, tiny_model_dir, s
     names = {p.name for p in adapter.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.model", "tokenizer_config.json"} <= names  # the seed's files
     assert (tmp_path / "out" / "checkpoint-2" / "pt_lora_model" / "adapter_model.safetensors").is_file()
+    # Weights are readable as the umask allows, like every other file (safetensors itself writes 0600).
+    for folder in (adapter, tmp_path / "out" / "checkpoint-2", tmp_path / "out" / "checkpoint-2" / "pt_lora_model"):
+        plain = (folder / "adapter_config.json").stat().st_mode & 0o777
+        assert (folder / "adapter_model.safetensors").stat().st_mode & 0o777 == plain, folder
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["lora_alpha"] == 32
     assert set(config["target_modules"]) == {"q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"}

@@ -117,6 +117,11 @@ def test_full_finetuning_saves_a_transformers_model(tmp_path, tiny_model_dir, sp
     assert torch.allclose(logits_of(saved, ids), logits_of(result.trainer.model, ids), atol=1e-5)
     assert not torch.allclose(logits_of(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), ids), logits_of(saved, ids), atol=1e-4)
     assert len(AutoTokenizer.from_pretrained(str(out))) == 400 and (out / "tokenizer.model").is_file()
+    # The model and the Trainer's checkpoint weights are readable as the umask allows, like config.json.
+    plain = (out / "config.json").stat().st_mode & 0o777
+    modes = {path: path.stat().st_mode & 0o777 for path in out.rglob("*.safetensors")}
+    assert out / "model.safetensors" in modes and any("checkpoint-" in str(path) for path in modes)
+    assert set(modes.values()) == {plain}, modes
 
 
 def test_rerunning_a_finished_full_finetuning_changes_nothing(tmp_path, tiny_model_dir, sp_tokenizer_dir):

@@ -294,6 +294,8 @@ def convert_gguf_to_hf(gguf: Path, out_dir: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+    from zhtrain.weights import give_default_mode
+
     try:
         import gguf as _  # noqa: F401  (transformers needs it; a clear message beats its ImportError)
     except ImportError as err:
@@ -311,6 +313,7 @@ def convert_gguf_to_hf(gguf: Path, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
+    give_default_mode(out_dir)
     return out_dir
 
 

@@ -27,6 +27,7 @@ import torch
 from transformers import TrainerCallback
 
 from zhtrain.errors import ZhtrainError
+from zhtrain.weights import give_default_mode
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +184,7 @@ class CheckpointGuard(TrainerCallback):
         _barrier()  # every rank has written its shards (DeepSpeed) before the folder is called complete
         if state.is_world_process_zero:
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            give_default_mode(checkpoint)  # the Trainer's safetensors files, written 0600 by safetensors >= 0.8
             write_manifest(checkpoint, state.global_step)
             for old in rotate(Path(args.output_dir), self.save_total_limit, state.best_model_checkpoint):
                 logger.info("deleted %s (--save_total_limit %d)", old.name, self.save_total_limit)

@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from zhtrain.errors import ZhtrainError
+from zhtrain.weights import give_default_mode
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ def save_full_model(model, tokenizer, output_dir, sentencepiece_model: Optional[
         tokenizer.save_pretrained(str(tmp))
     if sentencepiece_model is not None:
         shutil.copyfile(sentencepiece_model, tmp / "tokenizer.model")  # transformers 5 no longer writes it
+    give_default_mode(tmp)
     _move_files_into(tmp, out)
     _barrier()
     return out

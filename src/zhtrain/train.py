@@ -35,6 +35,7 @@ from zhtrain.callbacks import (
 from zhtrain.distributed import gather_trainable_state, unwrap
 from zhtrain.errors import ZhtrainError, check_writable  # noqa: F401  (check_writable: re-exported for the stages)
 from zhtrain.loss import ChunkedLossTrainer
+from zhtrain.weights import give_default_mode
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +199,7 @@ SAFE_ADAPTER_NAME = "adapter_model.safetensors"  # PEFT's file name, in the adap
 
 def replace_dir(tmp: Path, dest: Path) -> None:
     """Move a finished temp folder into place; the old folder stays until the new one is there."""
+    give_default_mode(tmp)
     old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
     if dest.exists():
         os.replace(dest, old)

@@ -215,6 +215,32 @@ def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def default_file_mode() -> int:
+    """The mode `open()` gives a new file under this process's umask (0o644 under the usual 022)."""
+    try:  # Linux: read without changing it (os.umask would, briefly, for every thread)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def give_default_mode(folder: Path) -> None:
+    """Give the safetensors files under `folder` the mode every other output file gets.
+
+    safetensors >= 0.8 writes through a temporary file created 0600 whatever the umask
+    (safetensors issue #782), so an adapter or model written by transformers, PEFT or zhtrain
+    would be readable by its owner only: a serving account or a container user could not load it.
+    """
+    mode = default_file_mode()
+    for path in Path(folder).rglob("*.safetensors"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
 def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     write_json(folder / "model.safetensors.index.json", index)
