@@ -145,7 +145,7 @@ CASES = {
     "pretrain-block-size-too-large": lambda a, d: Case(
         pretrain(a, d, "--block_size", "4096"), ["--block_size 4096", "256 positions"], "use --block_size 256 or less", [d / "out", d / "cache"]),
     "pretrain-split-is-a-percent": lambda a, d: Case(
-        pretrain(a, d, "--validation_split_percentage", "5"), ["--validation_split_percentage 5"], "must be a fraction", [d / "out"]),
+        pretrain(a, d, "--validation_split_percentage", "5"), ["--validation_split_percentage 5"], "must be a fraction", [d / "out", d / "cache"]),
     "pretrain-unknown-module": lambda a, d: Case(
         pretrain(a, d, "--trainable", "q_proj,qkv_proj"), ["--trainable", "'qkv_proj'"], "choose from", [d / "out" / "pt_lora_model"]),
     "pretrain-conflicting-stage-flags": lambda a, d: Case(
@@ -158,6 +158,19 @@ CASES = {
         pretrain(a, d, "--deepspeed", d / "ds.json"), ["--deepspeed", str(d / "ds.json")], "shipped configs", [d / "out"]),
     "pretrain-resume-missing": lambda a, d: Case(
         pretrain(a, d, "--resume_from_checkpoint", d / "checkpoint-9"), [str(d / "checkpoint-9")], "pass a checkpoint-N folder"),
+    "pretrain-peft-path-in-an-output-checkpoint": lambda a, d: Case(
+        pretrain(a, d, "--peft_path", copy_folder(a["adapter"], d / "out" / "checkpoint-2" / "pt_lora_model")),
+        ["--output_dir", "holds --peft_path"], "choose another path", [d / "cache"]),
+    "pretrain-lora-dropout-not-a-probability": lambda a, d: Case(
+        pretrain(a, d, "--lora_dropout", "1.5"), ["--lora_dropout 1.5"], "0 <= p < 1", [d / "out", d / "cache"]),
+    "pretrain-batch-size-zero": lambda a, d: Case(
+        pretrain(a, d, "--per_device_train_batch_size", "0"), ["--per_device_train_batch_size 0"], "must be at least 1", [d / "out", d / "cache"]),
+    "pretrain-config-overrides-typo": lambda a, d: Case(
+        pretrain(a, d, "--config_overrides", "rope_thta=2"), ["--config_overrides", "rope_thta"], "key=value", [d / "out", d / "cache"]),
+    "pretrain-model-weights-cut-short": lambda a, d: Case(
+        pretrain(a, d, model=cut_model(a, d)), [str(d / "model" / "model.safetensors")], "copy the model again", [d / "out", d / "cache"]),
+    "pretrain-eval-without-validation-blocks": lambda a, d: Case(
+        pretrain(a, d, "--do_eval", "--validation_split_percentage", "0"), ["--do_eval"], "above 0", [d / "out", d / "cache"]),
     "pretrain-peft-path-not-an-adapter": lambda a, d: Case(
         pretrain(a, d, "--peft_path", a["text"]), ["--peft_path", str(a["text"])], "pass a LoRA adapter folder", [d / "out" / "pt_lora_model"]),
     # sft
@@ -171,7 +184,32 @@ CASES = {
     "sft-unknown-template": lambda a, d: Case(
         sft(a, d, "--template", "vicuna_v9", data=write(d / "train.json", json.dumps([{"instruction": "hi", "output": "ok"}]))),
         ["--template vicuna_v9"], "choose one of vicuna_v1.1", [d / "out"]),
+    "sft-output-is-the-model": lambda a, d: Case(
+        zh("sft", "--model_name_or_path", copy_folder(a["model"], d / "model"), "--tokenizer_name_or_path", a["tok"],
+           "--data_path", write(d / "train.json", ALPACA), "--output_dir", d / "model", "--model_max_length", "64", "--max_steps", "1",
+           "--report_to", "none"),
+        ["--output_dir", str(d / "model"), "is also --model_name_or_path"], "choose another path", [d / "model" / "model.safetensors.index.json"]),
+    "sft-preprocessed-output-is-the-data": lambda a, d: Case(
+        sft(a, d, "--preprocess_only", "--preprocessed_output", d / "train.json", data=write(d / "train.json", ALPACA)),
+        ["--preprocessed_output", str(d / "train.json"), "is also a data file"], "choose another path", [d / "out"]),
+    "sft-preprocessed-output-without-preprocess-only": lambda a, d: Case(
+        sft(a, d, "--preprocessed_output", d / "enc.jsonl", data=write(d / "train.json", ALPACA)),
+        ["--preprocessed_output"], "add it, or drop --preprocessed_output", [d / "out", d / "enc.jsonl"]),
+    "sft-data-listed-twice": lambda a, d: Case(
+        sft(a, d, data=f"{write(d / 'train.json', ALPACA)},{d / 'train.json'}"), ["--data_path", "given twice"], "list each once", [d / "out"]),
+    "sft-lora-rank-zero": lambda a, d: Case(
+        sft(a, d, "--lora_rank", "0", data=write(d / "train.json", ALPACA)), ["--lora_rank 0"], "must be at least 1", [d / "out"]),
+    "sft-max-train-samples-negative": lambda a, d: Case(
+        sft(a, d, "--max_train_samples", "-1", data=write(d / "train.json", ALPACA)), ["--max_train_samples -1"], "must be at least 1", [d / "out"]),
+    "sft-peft-path-cut-short": lambda a, d: Case(
+        sft(a, d, "--peft_path", truncated_adapter(a, d), data=write(d / "train.json", ALPACA)),
+        [str(d / "cut" / "adapter_model.safetensors")], "copy it again", [d / "out" / "sft_lora_model"]),
     # merge
+    "merge-output-holds-an-input": lambda a, d: Case(
+        zh("merge", "--base_model", copy_folder(a["model"], d / "proj" / "base"), "--lora_model", a["adapter"], "--output_dir", d / "proj",
+           "--overwrite"), ["--output_dir", str(d / "proj"), "holds --base_model"], "choose another path", [d / "proj" / "zhtrain_merge.json"]),
+    "merge-adapter-given-twice": lambda a, d: Case(
+        merge(a, d, lora=f"{a['adapter']},{a['adapter']}"), ["--lora_model", "given twice"], "list each once", [d / "merged"]),
     "merge-base-missing": lambda a, d: Case(merge(a, d, base=d / "nobase"), ["--base_model", str(d / "nobase")], "pass a model folder", [d / "merged"]),
     "merge-adapter-missing-config": lambda a, d: Case(
         merge(a, d, lora=write(d / "ad" / "adapter_model.safetensors", b"junk").parent), [str(d / "ad"), "no adapter_config.json"],
@@ -196,6 +234,39 @@ CASES = {
            "--data_file", write(d / "in.txt", "你好\n"),
            "--predictions_file", d / "p.json"), [str(a["wide_adapter"]), "[32, 48]", "[32, 32]"],
         "the adapter was trained for another base model", [d / "p.json"]),
+    "generate-predictions-file-is-the-data-file": lambda a, d: Case(
+        zh("generate", "--base_model", a["model"], "--data_file", write(d / "in.txt", "你好\n"), "--predictions_file", d / "in.txt"),
+        ["--predictions_file", str(d / "in.txt"), "is also --data_file"], "choose another path"),
+    "generate-temperature-zero": lambda a, d: Case(
+        zh("generate", "--base_model", a["model"], "--temperature", "0", "--predictions_file", d / "p.json"),
+        ["--temperature 0.0"], "--no-do_sample", [d / "p.json"]),
+    "generate-prompt-longer-than-the-context": lambda a, d: Case(
+        zh("generate", "--base_model", a["model"], "--tokenizer_path", a["tok"], "--data_file", write(d / "in.txt", "短\n" + "长" * 600 + "\n"),
+           "--predictions_file", d / "p.json", "--max_new_tokens", "2"),
+        [str(d / "in.txt"), "instruction 2", "256 positions"], "--alpha", [d / "p.json"]),
+    "tokenizer-extend-output-is-the-input": lambda a, d: Case(
+        zh("tokenizer", "extend", "--tokenizer_name_or_path", copy_folder(a["tok"], d / "tok"), "--new_tokens", "黄河入海",
+           "--output_dir", d / "tok", "--overwrite"), ["--output_dir", "is also --tokenizer_name_or_path"], "choose another path"),
+    "tokenizer-train-output-holds-the-corpus": lambda a, d: Case(
+        zh("tokenizer", "train", "--corpus", copy_folder(a["text"], d / "corpus"), "--output_dir", d, "--overwrite"),
+        ["--output_dir", "holds --corpus"], "choose another path"),
+    "tokenizer-train-output-under-a-file": lambda a, d: Case(
+        zh("tokenizer", "train", "--corpus", a["text"], "--output_dir", a["file"] / "sp"), ["--output_dir", str(a["file"])], "choose another path"),
+    "tokenizer-train-coverage-too-low": lambda a, d: Case(
+        zh("tokenizer", "train", "--corpus", a["text"], "--output_dir", d / "sp", "--character_coverage", "0.95"),
+        ["--character_coverage 0.95"], "0.98 to 1", [d / "sp"]),
+    "tokenizer-extend-tokens-file-missing": lambda a, d: Case(
+        zh("tokenizer", "extend", "--tokenizer_name_or_path", a["tok"], "--new_tokens", d / "my_tokens.txt", "--output_dir", d / "ext"),
+        ["--new_tokens", str(d / "my_tokens.txt")], "no such file", [d / "ext"]),
+    "tokenizer-extend-zero-tokens": lambda a, d: Case(
+        zh("tokenizer", "extend", "--tokenizer_name_or_path", a["tok"], "--corpus", a["text"], "--num_new_tokens", "0", "--output_dir", d / "ext"),
+        ["--num_new_tokens 0"], "must be at least 1", [d / "ext"]),
+    "inspect-unknown-module": lambda a, d: Case(
+        zh("inspect", "--model_name_or_path", a["model"], "--tokenizer_name_or_path", a["tok"], "--trainable", "q_prj"),
+        ["--trainable", "'q_prj'"], "choose from"),
+    "inspect-not-a-causal-lm": lambda a, d: Case(
+        zh("inspect", "--model_name_or_path", write(d / "t5" / "config.json", '{"model_type": "t5"}').parent, "--tokenizer_name_or_path", a["tok"]),
+        [str(d / "t5"), "not a causal language model"], "pass a decoder-only"),
     "tokenizer-corpus-missing": lambda a, d: Case(
         zh("tokenizer", "train", "--corpus", d / "corpus.txt", "--output_dir", d / "sp"), ["--corpus", str(d / "corpus.txt")], "pass UTF-8 text files", [d / "sp"]),
     "tokenizer-merge-corrupt-model": lambda a, d: Case(
@@ -203,6 +274,30 @@ CASES = {
            "--output_dir", d / "merged_tok"), ["--chinese_sp_model_file", str(d / "zh.model")], "pass the .model that sentencepiece wrote",
         [d / "merged_tok"]),
 }
+
+
+ALPACA = json.dumps([{"instruction": "你好", "output": "你好！"}], ensure_ascii=False)
+
+
+def copy_folder(source: Path, dest: Path) -> Path:
+    shutil.copytree(source, dest)
+    return dest
+
+
+def cut_model(a, d: Path) -> Path:
+    """The model folder with its weights cut short (an interrupted copy)."""
+    folder = copy_folder(a["model"], d / "model")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    return folder
+
+
+def truncated_adapter(a, d: Path) -> Path:
+    """The adapter folder with its weights cut short (an interrupted copy)."""
+    folder = copy_folder(a["adapter"], d / "cut")
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    return folder
 
 
 def corrupt_model(a, d: Path) -> Path:

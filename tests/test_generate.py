@@ -108,6 +108,42 @@ def test_bad_inputs(models, tmp_path):
         parse_generate_args(["--base_model", "m", "--max_new_tokens", "0"])
 
 
+def test_generation_stops_at_the_end_of_the_context(models, tmp_path, caplog):
+    """A prompt a few positions short of the context: --max_new_tokens is cut to what fits (past the
+    trained context the model's output is noise), with a warning; a prompt as long as the context is refused."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(models["merged"]))
+    line = "黄河入海流" * 200
+    ids = tokenizer(line).input_ids
+    while len(ids) > 250:  # 250 tokens of a 256-position model
+        line = line[:-1]
+        ids = tokenizer(line).input_ids
+    data = tmp_path / "long.txt"
+    data.write_text(line + "\n", encoding="utf-8")
+    with caplog.at_level("WARNING", logger="zhtrain.generate"):
+        results = run("--base_model", models["merged"], "--data_file", data, "--predictions_file", tmp_path / "p.json",
+                      "--no-do_sample", "--max_new_tokens", "40", "--repetition_penalty", "1.0", "--only_cpu")
+    import re
+
+    found = re.search(r"prompt of (\d+) tokens: --max_new_tokens 40 cut to (\d+)", caplog.text)
+    assert found and int(found.group(1)) >= 250 and int(found.group(2)) == 256 - int(found.group(1)), caplog.text
+    assert len(tokenizer(results[0]["Output"], add_special_tokens=False).input_ids) <= int(found.group(2)) + 2  # re-tokenizing may merge/split
+    data.write_text("黄河入海流" * 200 + "\n", encoding="utf-8")
+    with pytest.raises(ZhtrainError, match=r"long.txt, instruction 1 .*the prompt is \d+ tokens, the model's context 256 positions"):
+        run("--base_model", models["merged"], "--data_file", data, "--predictions_file", tmp_path / "q.json", *GREEDY)
+    assert not (tmp_path / "q.json").exists()
+
+
+def test_sampling_flags_out_of_range_are_one_line_errors():
+    for flags, message in [(["--temperature", "0"], "--temperature 0.0: must be positive"), (["--top_p", "2"], "--top_p 2.0: must be in"),
+                           (["--top_k", "-1"], "--top_k -1"), (["--num_beams", "0"], "--num_beams 0"),
+                           (["--repetition_penalty", "0"], "--repetition_penalty 0.0"), (["--lora_model", "a,./a"], "given twice")]:
+        with pytest.raises(ZhtrainError, match=message):
+            parse_generate_args(["--base_model", "m", *flags])
+    assert parse_generate_args(["--base_model", "m", "--temperature", "0", "--no-do_sample"]).sampling["temperature"] == 0  # greedy: unused
+
+
 def test_alpha_stretches_rope_as_the_seed_did(models, tmp_path):
     """--alpha N: rope base x N^(d/(d-2)) (the seed's NTK patch, here a config change); 'auto': dynamic NTK."""
     import torch

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from merge_fixtures import ALL_TARGETS, extended_tokenizer, load_model, logits, make_adapter, peft_reference, sample_ids
+from merge_fixtures import copy_tokenizer as copy_tokenizer_files
 
 from zhtrain import merge as merge_module
 from zhtrain import meta_format
@@ -232,6 +233,24 @@ def test_adapter_with_the_wrong_tokenizer_says_which_it_needs(world, tmp_path, s
         shutil.copyfile(sp_tokenizer_dir / name, wrong / name)
     with pytest.raises(ZhtrainError, match=r"wrong_tokenizer_lora.*\[403, 32\].*400 tokens.*needs a 403-token tokenizer"):
         run_merge(world["base"], [world["first"], wrong], tmp_path / "out")
+
+
+def test_grown_vocabulary_needs_a_tokenizer_of_its_size(world, tmp_path, sp_tokenizer_dir):
+    """An adapter with 403 embedding rows but no tokenizer would leave the base's 400-token one beside
+    a 403-row model (or none): refused before anything is written, naming the folder to fix."""
+    bare = tmp_path / "bare_lora"
+    shutil.copytree(world["second"], bare)  # trained on 403 tokens, its tokenizer files removed
+    for path in bare.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens", "added_tokens")):
+            path.unlink()
+    with pytest.raises(ZhtrainError, match=r"merged model will have 403 tokens but the tokenizer in .*plus_lora has 400.*into .*bare_lora"):
+        run_merge(world["base"], [world["first"], bare], tmp_path / "out")
+    with pytest.raises(ZhtrainError, match=r"merged model will have 403 tokens but none of the adapter folders holds a tokenizer.*bare_lora"):
+        run_merge(world["base"], [bare], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # With the training tokenizer put back, the same merge goes through.
+    copy_tokenizer_files(world["tok403"], bare)
+    assert run_merge(world["base"], [world["first"], bare], tmp_path / "out")["vocab_size"] == 403
 
 
 def test_missing_adapter_config(world, tmp_path):

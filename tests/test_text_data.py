@@ -164,3 +164,20 @@ def test_empty_file_is_skipped_with_a_warning(tmp_path, tokenizer, caplog):
     _, _, stats = load_text_blocks(str(data), tokenizer, 4, str(tmp_path / "c"), 0.0, show_progress=False)
     assert stats.files == 1 and stats.skipped_empty == [str(data / "empty.txt")]
     assert "empty.txt: empty file, skipped" in caplog.text
+
+
+@pytest.mark.parametrize("batch_bytes", [1, 3, 64, 1 << 20])
+def test_blocks_end_at_line_ends_whatever_the_read_size(tmp_path, batch_bytes):
+    """Blocks cover the file exactly, each ends at a line end (but the last), with the right first-line
+    numbers, also when a line is many reads long (its reads are joined once, not re-copied per read)."""
+    from zhtrain.data.text import iter_blocks
+
+    path = tmp_path / "a.txt"
+    content = ("黄河入海流" * 300 + "\n" + "短\n\n" + "x" * 1000 + "\n" + "末行").encode("utf-8")
+    path.write_bytes(content)
+    blocks = list(iter_blocks(path, batch_bytes))
+    assert b"".join(b.data for b in blocks) == content
+    assert all(b.data.endswith(b"\n") for b in blocks[:-1])
+    for block in blocks:
+        assert block.line_no == content[: block.offset].count(b"\n") + 1
+        assert content[block.offset : block.offset + len(block.data)] == block.data

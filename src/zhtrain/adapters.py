@@ -134,6 +134,8 @@ def read_adapter_config(folder: Path) -> dict:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ZhtrainError(f"{path}: not valid JSON ({err}); restore the file written by training") from err
+    if not isinstance(config, dict):
+        raise ZhtrainError(f"{path}: not a JSON object of LoRA settings; restore the file written by training")
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise ZhtrainError(f"{path}: peft_type {peft_type}; zhtrain merge folds LoRA adapters only")

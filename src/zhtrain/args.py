@@ -17,7 +17,7 @@ from typing import Optional
 from transformers import HfArgumentParser, TrainingArguments
 
 from zhtrain.config import CONFIG_EPILOG, CommandParser, yaml_value, expand_config_file, read_config_file  # noqa: F401
-from zhtrain.errors import ZhtrainError
+from zhtrain.errors import ZhtrainError, at_least  # noqa: F401  (at_least: re-exported for the stages)
 from zhtrain.vocab import NEW_TOKEN_INITS
 
 logger = logging.getLogger(__name__)
@@ -97,6 +97,13 @@ class LoraArguments:
         default=None, metadata={"help": "Continue training this existing LoRA adapter folder."}
     )
 
+    def __post_init__(self):
+        at_least(self.lora_rank, 1, "--lora_rank")
+        if not 0 <= self.lora_dropout < 1:
+            raise ZhtrainError(f"--lora_dropout {self.lora_dropout}: a probability, 0 <= p < 1 (the seed used 0.05)")
+        if not self.lora_alpha > 0:
+            raise ZhtrainError(f"--lora_alpha {self.lora_alpha}: must be positive (scaling = alpha / r)")
+
     @property
     def target_modules(self) -> list[str]:
         return split_names(self.trainable)
@@ -157,6 +164,8 @@ class ZhtrainTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         self.compat_notes: list[str] = []
+        for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            at_least(getattr(self, flag), 1, f"--{flag}")
         if self.report_to is None:
             from transformers.integrations import is_tensorboard_available
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -22,7 +23,9 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from zhtrain.config import CommandParser  # config file first, --print_config, one-line errors
-from zhtrain.errors import ZhtrainError, run_command
+from zhtrain.errors import ZhtrainError, check_distinct, check_not_an_input, check_writable, run_command
+
+logger = logging.getLogger(__name__)
 
 # The seed's inference_hf.py defaults (its generation_config dict).
 SAMPLING_DEFAULTS = dict(temperature=0.2, top_k=40, top_p=0.9, do_sample=True, num_beams=1, repetition_penalty=1.1, max_new_tokens=400)
@@ -73,11 +76,39 @@ def parse_generate_args(argv: Optional[list[str]] = None) -> GenerateOptions:
             p.add_argument(f"--{name}", type=type(value), default=value, help=f"Default: {value}.")
     ns = p.parse_args(argv)
     sampling = {name: getattr(ns, name) for name in SAMPLING_DEFAULTS}
-    if sampling["max_new_tokens"] < 1:
-        raise ZhtrainError(f"--max_new_tokens {sampling['max_new_tokens']}: must be at least 1")
+    check_sampling(sampling)
     adapters = [part.strip() for part in (ns.lora_model or "").split(",") if part.strip()]
+    check_distinct(adapters, "--lora_model")  # an adapter applied twice
+    if not ns.interactive:
+        check_predictions_file(ns.predictions_file, ns.data_file)
     return GenerateOptions(ns.base_model, adapters, ns.tokenizer_path, ns.data_file, ns.with_prompt, ns.template, ns.system_prompt,
                            ns.interactive, ns.predictions_file, ns.gpus, ns.only_cpu, ns.seed, sampling, ns.alpha, ns.load_in_8bit)
+
+
+def check_sampling(sampling: dict) -> None:
+    """Ranges transformers would reject (or silently misuse) only after the model has loaded."""
+    checks = [
+        ("max_new_tokens", sampling["max_new_tokens"] >= 1, "must be at least 1"),
+        ("num_beams", sampling["num_beams"] >= 1, "must be at least 1"),
+        ("repetition_penalty", sampling["repetition_penalty"] > 0, "must be positive (1.0 = no penalty)"),
+    ]
+    if sampling["do_sample"]:
+        checks += [
+            ("temperature", sampling["temperature"] > 0, "must be positive; for greedy decoding pass --no-do_sample"),
+            ("top_k", sampling["top_k"] >= 0, "must be 0 (no limit) or more"),
+            ("top_p", 0 < sampling["top_p"] <= 1, "must be in (0, 1]"),
+        ]
+    for name, ok, rule in checks:
+        if not ok:
+            raise ZhtrainError(f"--{name} {sampling[name]}: {rule}")
+
+
+def check_predictions_file(predictions_file: str, data_file: Optional[str]) -> None:
+    if data_file:
+        check_not_an_input(predictions_file, "--predictions_file", [("--data_file", data_file)])
+    if Path(predictions_file).is_dir():
+        raise ZhtrainError(f"--predictions_file {predictions_file} is a folder; pass a file path, e.g. {Path(predictions_file) / 'predictions.json'}")
+    check_writable(Path(predictions_file).parent, "--predictions_file")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -90,8 +121,14 @@ def generate(opts: GenerateOptions, read_line=input) -> list[dict]:
     device = choose_device(opts)
     tokenizer = load_generation_tokenizer(opts)
     template, system = choose_template(opts)
+    context = model_context(opts)
+    for index, instruction in enumerate(instructions or []):  # all checked before the model loads
+        problem = too_long(prompt_ids(tokenizer, template, system, instruction), context)
+        if problem:
+            where = f"--data_file {opts.data_file}, instruction {index + 1} (non-blank line)" if opts.data_file else "the sample instruction"
+            raise ZhtrainError(f"{where}: {problem}")
     model = load_model(opts, len(tokenizer), device)
-    generator = Generator(model, tokenizer, template, system, opts.sampling, device, opts.seed)
+    generator = Generator(model, tokenizer, template, system, opts.sampling, device, opts.seed, context)
     if opts.interactive:
         return run_interactive(generator, read_line)
     results = []
@@ -231,20 +268,42 @@ def ntk_scaled_config(base_model: str, alpha: str):
     return config
 
 
+def prompt_ids(tokenizer, template, system, instruction: str) -> list[int]:
+    if template is None:
+        return tokenizer(instruction).input_ids
+    return template.encode_prompt(tokenizer, instruction, system=system)
+
+
+def model_context(opts: GenerateOptions) -> Optional[int]:
+    """Positions the model was trained for; None with --alpha (NTK: longer inputs are the point)."""
+    if opts.alpha is not None:
+        return None
+    try:
+        config = json.loads((Path(opts.base_model) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # load_model names the problem
+    return config.get("max_position_embeddings") if isinstance(config, dict) else None
+
+
+def too_long(ids: list[int], context: Optional[int]) -> Optional[str]:
+    """Why this prompt cannot be answered within the model's context, or None."""
+    if context and len(ids) >= context:
+        return f"the prompt is {len(ids)} tokens, the model's context {context} positions; shorten it, or pass --alpha to stretch the context (NTK)"
+    return None
+
+
 class Generator:
     """One instruction -> (prompt text, response), with the sampling settings."""
 
-    def __init__(self, model, tokenizer, template, system, sampling: dict, device: str, seed: Optional[int]):
+    def __init__(self, model, tokenizer, template, system, sampling: dict, device: str, seed: Optional[int], context: Optional[int] = None):
         self.model, self.tokenizer, self.template, self.system = model, tokenizer, template, system
-        self.sampling, self.device, self.seed = dict(sampling), device, seed
+        self.sampling, self.device, self.seed, self.context = dict(sampling), device, seed, context
         stops = template.stop_token_ids(tokenizer) if template is not None else []
         self.eos = stops or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos[0] if self.eos else 0)
 
     def prompt_ids(self, instruction: str) -> list[int]:
-        if self.template is None:
-            return self.tokenizer(instruction).input_ids
-        return self.template.encode_prompt(self.tokenizer, instruction, system=self.system)
+        return prompt_ids(self.tokenizer, self.template, self.system, instruction)
 
     def __call__(self, instruction: str) -> tuple[str, str]:
         import torch
@@ -254,6 +313,11 @@ class Generator:
             torch.manual_seed(self.seed)
         input_ids = torch.tensor([ids], device=self.device)
         settings = dict(self.sampling)
+        if self.context and len(ids) + settings["max_new_tokens"] > self.context:
+            # Tokens past the trained context would be noise: stop at its end instead.
+            settings["max_new_tokens"] = self.context - len(ids)
+            logger.warning("prompt of %d tokens: --max_new_tokens %d cut to %d to stay within the model's context (%d)",
+                           len(ids), self.sampling["max_new_tokens"], settings["max_new_tokens"], self.context)
         if not settings["do_sample"]:
             for name in ("temperature", "top_k", "top_p"):
                 settings.pop(name)  # ignored without sampling; transformers warns about them
@@ -275,6 +339,10 @@ def run_interactive(generator: Generator, read_line) -> list[dict]:
             break
         if not text.strip():
             break
+        problem = too_long(generator.prompt_ids(text.strip()), generator.context)
+        if problem:
+            print(f"zhtrain: {problem}", flush=True)
+            continue
         prompt, response = generator(text.strip())
         print(f"Response:  {response}\n", flush=True)
         results.append({"Input": prompt, "Output": response})

@@ -36,6 +36,12 @@ class InspectArguments:
     modules_to_save: str = field(default="embed_tokens,lm_head", metadata={"help": "Modules trained in full (run_pt.sh's)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model folder."})
 
+    def __post_init__(self):
+        from zhtrain.errors import at_least
+
+        at_least(self.lora_rank, 1, "--lora_rank")
+        at_least(self.max_sample_lines, 1, "--max_sample_lines")
+
 
 def inspect(args: InspectArguments) -> dict:
     """The recipe: config -> tokenizers -> mode -> new rows -> sample -> cost. Returns the figures."""
@@ -43,6 +49,7 @@ def inspect(args: InspectArguments) -> dict:
     from zhtrain.vocab import model_vocab_size
 
     config = read_config(args)
+    skeleton = meta_model(args, config)  # first: a config zhtrain cannot train, or a flag typo, stops before any output
     tokenizer_path = args.tokenizer_name_or_path or args.model_name_or_path
     tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=args.trust_remote_code)
     own = own_tokenizer(args.model_name_or_path, tokenizer_path, tokenizer)
@@ -58,7 +65,7 @@ def inspect(args: InspectArguments) -> dict:
         report["new_rows"] = describe_new_rows(tokenizer, own, rows, size)
     if args.sample:
         report["tokens_per_character"] = describe_sample(args, tokenizer, own)
-    report["cost"] = describe_cost(args, config, size)
+    report["cost"] = describe_cost(args, skeleton, size)
     return report
 
 
@@ -156,15 +163,32 @@ def describe_sample(args: InspectArguments, tokenizer, own) -> dict:
     return figures
 
 
-def describe_cost(args: InspectArguments, config, size: int) -> dict:
-    """Parameters counted on a meta-device model: exact, and free."""
+def meta_model(args: InspectArguments, config):
+    """The model on PyTorch's meta device (no memory), with the run's module names checked on it."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from zhtrain.args import split_names
+    from zhtrain.model import check_module_names
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
+        try:
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
+        except ValueError as err:  # not a causal LM (t5, bert, ...): transformers' own sentence names the type
+            raise ZhtrainError(f"--model_name_or_path {args.model_name_or_path}: not a causal language model ({err}); "
+                              "pass a decoder-only (LLaMA-family) model") from err
+    # The names a run would refuse are refused here too, instead of costing a run that trains nothing.
+    check_module_names(model, split_names(args.trainable), "--trainable")
+    check_module_names(model, split_names(args.modules_to_save), "--modules_to_save")
+    return model
+
+
+def describe_cost(args: InspectArguments, model, size: int) -> dict:
+    """Parameters counted on a meta-device model: exact, and free."""
+    import torch
+
+    from zhtrain.args import split_names
+
     hidden = model.get_input_embeddings().weight.shape[1]
     tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is model.get_input_embeddings().weight
     total = sum(p.numel() for p in model.parameters()) + (size - model.get_input_embeddings().weight.shape[0]) * hidden * (1 if tied else 2)

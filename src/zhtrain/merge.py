@@ -34,7 +34,7 @@ import torch
 from zhtrain import meta_format
 from zhtrain.adapters import Adapter, load_adapter, tokenizer_files, touches_embeddings, wanted_vocab
 from zhtrain.config import CommandParser  # config file first, --print_config, one-line errors
-from zhtrain.errors import ZhtrainError, check_writable, run_command
+from zhtrain.errors import ZhtrainError, check_distinct, check_not_an_input, check_writable, run_command
 from zhtrain.train import replace_dir
 from zhtrain.vocab import describe_tokenizer
 from zhtrain.weights import Checkpoint, ShardWriter, iter_shard, open_checkpoint, write_json
@@ -178,7 +178,24 @@ def make_plan(checkpoint: Checkpoint, adapters: list[Adapter]) -> MergePlan:
             check_edit(checkpoint, adapter, key, edit, running, tied_base)
         vocab_after.append(running)
     untie = tied_base and any(touches_embeddings(a) for a in adapters)
-    return MergePlan(checkpoint, adapters, vocab_after, tied_base, untie)
+    plan = MergePlan(checkpoint, adapters, vocab_after, tied_base, untie)
+    check_output_tokenizer(plan)
+    return plan
+
+
+def check_output_tokenizer(plan: MergePlan) -> None:
+    """A merge that changes the vocabulary must ship a tokenizer of the new size (copy_tokenizer takes the
+    last adapter's that has one): else the folder would pair, say, 49953 rows with LLaMA's 32000 tokens."""
+    if plan.final_vocab == plan.checkpoint.shapes[EMBED][0]:
+        return  # the base's own pairing (a padded vocabulary with more rows than tokens included)
+    source = next((a for a in reversed(plan.adapters) if a.has_tokenizer), None)
+    if source is not None and source.tokenizer_len == plan.final_vocab:
+        return
+    found = f"the tokenizer in {source.name} has {source.tokenizer_len}" if source else "none of the adapter folders holds a tokenizer"
+    raise ZhtrainError(
+        f"the merged model will have {plan.final_vocab} tokens but {found}; put the tokenizer the last adapter was "
+        f"trained with into {plan.adapters[-1].name}"
+    )
 
 
 def shrink_error(adapters: list[Adapter], position: int, wanted: int, running: int, checkpoint: Checkpoint) -> ZhtrainError:
@@ -355,9 +372,9 @@ def copy_tokenizer(plan: MergePlan, out: Path) -> None:
 
 def check_output_dir(opts: MergeOptions) -> None:
     out = opts.output_dir.resolve()
-    for source in [opts.base_model, *opts.lora_model]:
-        if Path(source).resolve() == out:
-            raise ZhtrainError(f"--output_dir {opts.output_dir} is one of the inputs; choose a new folder")
+    check_distinct(opts.lora_model, "--lora_model")  # an adapter applied twice
+    # --overwrite replaces the whole folder: an input anywhere inside it would go with it.
+    check_not_an_input(opts.output_dir, "--output_dir", [("--base_model", opts.base_model), *[("--lora_model", a) for a in opts.lora_model]])
     if out.exists() and not opts.overwrite:
         raise ZhtrainError(
             f"--output_dir {opts.output_dir} exists; pass --overwrite to replace it (the old folder stays until the new one "

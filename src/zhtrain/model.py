@@ -98,8 +98,27 @@ def load_config(model_args):
     except (OSError, ValueError) as err:
         raise ZhtrainError(f"{source}: cannot read config.json ({err})") from err
     if model_args.config_overrides:
-        config.update_from_string(model_args.config_overrides)
+        try:
+            config.update_from_string(model_args.config_overrides)
+        except ValueError as err:  # an unknown key or a malformed pair
+            raise ZhtrainError(f"--config_overrides {model_args.config_overrides!r}: {err}; write key=value pairs separated by commas, "
+                               "with keys from the model's config.json") from err
+    if model_args.model_name_or_path:
+        check_weight_files(Path(model_args.model_name_or_path))
     return config
+
+
+def check_weight_files(folder: Path) -> None:
+    """Every safetensors file of the model has a header that covers the file: a copy cut short fails
+    here in one line, before the data step, not in a traceback when the model loads."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt") as handle:
+                handle.keys()
+        except Exception as err:  # safetensors raises its own error type for every kind of damage
+            raise ZhtrainError(f"{path}: cannot read it ({err}); the file is damaged or cut short: copy the model again") from err
 
 
 def resolve_dtype(name: Optional[str], on_gpu: bool) -> Optional[torch.dtype]:
@@ -154,14 +173,40 @@ def check_module_names(model, names: list[str], flag: str) -> None:
             )
 
 
+def check_adapter_folder(folder: str, flag: str) -> None:
+    """An adapter folder to continue from, checked before the model loads: a config that is a JSON
+    object, and weights whose safetensors header covers the file (a copy cut short fails here)."""
+    import json
+
+    path = Path(folder) / "adapter_config.json"
+    if not path.is_file():
+        raise ZhtrainError(f"{flag} {folder}: no adapter_config.json there; pass a LoRA adapter folder")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ZhtrainError(f"{path}: not valid JSON ({err}); restore the file written by training") from err
+    if not isinstance(config, dict):
+        raise ZhtrainError(f"{path}: not a JSON object of LoRA settings; restore the file written by training")
+    weights = Path(folder) / "adapter_model.safetensors"
+    if weights.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(weights), "pt") as handle:
+                handle.keys()
+        except Exception as err:  # safetensors raises its own error type for every kind of damage
+            raise ZhtrainError(f"{weights}: cannot read it ({err}); the file is damaged or cut short: copy it again from the training run") from err
+    elif not (Path(folder) / "adapter_model.bin").is_file():
+        raise ZhtrainError(f"{flag} {folder}: no adapter_model.safetensors (or .bin); the adapter's weights are missing")
+
+
 def check_lora_flags(config, lora_args, trust_remote_code: bool = False) -> None:
     """--peft_path / --trainable / --modules_to_save checked before the data step, on a weightless
     (meta-device) skeleton of the model: a typo costs seconds, not a tokenized corpus."""
     from transformers import AutoModelForCausalLM
 
     if lora_args.peft_path:
-        if not (Path(lora_args.peft_path) / "adapter_config.json").is_file():
-            raise ZhtrainError(f"--peft_path {lora_args.peft_path}: no adapter_config.json there; pass a LoRA adapter folder")
+        check_adapter_folder(lora_args.peft_path, "--peft_path")
         return
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -184,8 +229,7 @@ def apply_lora(model, lora_args, gradient_checkpointing: bool, drop_frozen_copie
     from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
     if lora_args.peft_path:
-        if not (Path(lora_args.peft_path) / "adapter_config.json").is_file():
-            raise ZhtrainError(f"--peft_path {lora_args.peft_path}: no adapter_config.json there; pass a LoRA adapter folder")
+        check_adapter_folder(lora_args.peft_path, "--peft_path")
         logger.info("continuing LoRA from %s (its rank/alpha/targets apply)", lora_args.peft_path)
         model = load_peft_adapter(model, lora_args.peft_path, "--peft_path", is_trainable=True)
     else:

@@ -21,9 +21,9 @@ from typing import Optional
 
 import torch
 
-from zhtrain.args import LoraArguments, ModelArguments, ZhtrainTrainingArguments, parse_args
+from zhtrain.args import LoraArguments, ModelArguments, ZhtrainTrainingArguments, at_least, parse_args
 from zhtrain.checkpointing import set_checkpointing_kwargs
-from zhtrain.data.text import load_text_blocks
+from zhtrain.data.text import check_split_fraction, load_text_blocks
 from zhtrain.distributed import data_first
 from zhtrain.errors import ZhtrainError, run_command
 from zhtrain.model import (
@@ -48,6 +48,7 @@ from zhtrain.train import (
     start_run,
     SaveAdapterCallback,
     build_trainer,
+    check_output_keeps_inputs,
     check_writable,
     finish_from_checkpoint,
     finished_checkpoint,
@@ -85,6 +86,11 @@ class PretrainDataArguments:
     validation_file: Optional[str] = field(default=None, metadata={"help": "Unused (seed compatibility)."})
     streaming: bool = field(default=False, metadata={"help": "Unused: files are always streamed."})
     keep_linebreaks: bool = field(default=True, metadata={"help": "Unused (seed compatibility): one line = one document."})
+
+    def __post_init__(self):
+        for flag in ("max_train_samples", "max_eval_samples", "preprocessing_num_workers"):
+            at_least(getattr(self, flag), 1, f"--{flag}")
+        check_split_fraction(self.validation_split_percentage)  # at parse time, not after tokenizing the corpus
 
 
 @dataclass
@@ -170,10 +176,13 @@ def pretrain(model_args, data_args, lora_args, training_args) -> RunResult:
     logger.info("vocabulary: model %d, tokenizer %d -> %s", model_vocab_size(config), len(tokenizer), purpose)
     block_size = choose_block_size(data_args.block_size, config)
     check_training_stage(lora_args, training_args, model_vocab_size(config), len(tokenizer))
+    if training_args.do_eval and not data_args.validation_split_percentage and not data_args.preprocess_only:
+        raise ZhtrainError("--do_eval needs validation blocks: set --validation_split_percentage above 0")
     check_lora_flags(config, lora_args, model_args.trust_remote_code)
     check_writable(data_args.data_cache_dir or ".", "--data_cache_dir")
     if training_args.should_save and not data_args.preprocess_only:
         check_writable(training_args.output_dir, "--output_dir")
+        check_output_keeps_inputs(training_args.output_dir, model_args, lora_args)
 
     # 2. Data: tokenized once (main process first; the others then read the cache).
     with data_first(training_args):

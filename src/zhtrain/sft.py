@@ -31,7 +31,7 @@ import torch
 from transformers import TrainerCallback
 
 from zhtrain import fsdp
-from zhtrain.args import LoraArguments, ModelArguments, ZhtrainTrainingArguments, parse_args
+from zhtrain.args import LoraArguments, ModelArguments, ZhtrainTrainingArguments, at_least, parse_args
 from zhtrain.checkpointing import set_checkpointing_kwargs
 from zhtrain.data.chat import LoadStats, find_data_files, load_conversations
 from zhtrain.data.supervised import (
@@ -44,9 +44,9 @@ from zhtrain.data.supervised import (
     write_preprocessed,
 )
 from zhtrain.data.templates import get_template, save_template
-from zhtrain.errors import ZhtrainError, run_command
+from zhtrain.errors import ZhtrainError, check_distinct, check_not_an_input, run_command
 from zhtrain.model import (
-    apply_lora, cast_trainable_to_fp32, count_parameters, load_base_model, load_base_tokenizer, load_config, load_tokenizer, sentencepiece_file,
+    apply_lora, cast_trainable_to_fp32, check_adapter_folder, count_parameters, load_base_model, load_base_tokenizer, load_config, load_tokenizer, sentencepiece_file,
     warn_if_pure_half,
 )
 from zhtrain.report import ThroughputCallback, build_report, summary_line, write_report
@@ -57,6 +57,8 @@ from zhtrain.train import (
     start_run,
     SaveAdapterCallback,
     build_trainer,
+    check_output_keeps_inputs,
+    check_writable,
     finish_from_checkpoint,
     finished_checkpoint,
     load_finished_full_model,
@@ -97,6 +99,12 @@ class SftDataArguments:
     validation_split_percentage: Optional[float] = field(default=None, metadata={"help": "Unused (seed compatibility): pass --validation_file."})
     keep_linebreaks: bool = field(default=True, metadata={"help": "Unused (seed compatibility)."})
 
+    def __post_init__(self):
+        for flag in ("max_train_samples", "max_eval_samples", "model_max_length", "max_seq_length"):
+            at_least(getattr(self, flag), 1, f"--{flag}")
+        if self.preprocessed_output and not self.preprocess_only:
+            raise ZhtrainError("--preprocessed_output is written only with --preprocess_only; add it, or drop --preprocessed_output")
+
 
 @dataclass
 class SftLoraArguments(LoraArguments):
@@ -132,6 +140,13 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
     train_files, eval_files = data_files(data_args)
     if training_args.do_eval and not eval_files and not data_args.preprocess_only:
         raise ZhtrainError("--do_eval needs evaluation data: pass --validation_file or --eval_data_path")
+    if lora_args.use_lora and lora_args.peft_path:
+        check_adapter_folder(lora_args.peft_path, "--peft_path")
+    if data_args.preprocessed_output:
+        check_preprocessed_output(data_args.preprocessed_output, train_files + eval_files)
+    elif training_args.should_save and not data_args.preprocess_only:
+        check_writable(training_args.output_dir, "--output_dir")
+        check_output_keeps_inputs(training_args.output_dir, model_args, lora_args)
     train_convs = load_conversations(train_files, data_args.data_format)[: data_args.max_train_samples]
     unanswered = sum(c.unanswered for c in train_convs)
     if unanswered:
@@ -263,10 +278,18 @@ def data_files(data_args) -> tuple[list[Path], list[Path]]:
     if len(given) > 1:
         raise ZhtrainError(f"{' and '.join(flag for _, flag in given)} both given; pass one source of training data")
     train = find_data_files(*given[0])
+    check_distinct(train, given[0][1])  # a file listed twice would be trained on twice
     if data_args.eval_data_path and data_args.validation_file:
         raise ZhtrainError("--eval_data_path and --validation_file both given; they are the same setting, pass one")
     eval_spec = data_args.eval_data_path or data_args.validation_file
     return train, find_data_files(eval_spec, "--eval_data_path" if data_args.eval_data_path else "--validation_file")
+
+
+def check_preprocessed_output(path: str, data: list[Path]) -> None:
+    check_not_an_input(path, "--preprocessed_output", [("a data file", file) for file in data])
+    if Path(path).is_dir():
+        raise ZhtrainError(f"--preprocessed_output {path} is a folder; pass a file path (one JSON line per sample is written there)")
+    check_writable(Path(path).parent, "--preprocessed_output")
 
 
 def finish_preprocess_only(data_args, training_args, summaries, samples, seconds) -> RunResult:

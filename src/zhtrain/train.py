@@ -33,7 +33,7 @@ from zhtrain.callbacks import (
     with_loss_check,
 )
 from zhtrain.distributed import gather_trainable_state, unwrap
-from zhtrain.errors import ZhtrainError, check_writable  # noqa: F401  (check_writable: re-exported for the stages)
+from zhtrain.errors import ZhtrainError, check_not_an_input, check_writable  # noqa: F401  (check_writable: re-exported for the stages)
 from zhtrain.loss import ChunkedLossTrainer
 from zhtrain.weights import give_default_mode
 
@@ -44,6 +44,14 @@ RUN_FILE = "zhtrain_run.json"
 
 # ---------------------------------------------------------------------------------------------
 # Output folder, resume
+
+
+def check_output_keeps_inputs(output_dir, model_args, lora_args) -> None:
+    """--output_dir is not the model, tokenizer or adapter the run starts from, and does not hold one
+    in a `checkpoint-*` folder (--overwrite_output_dir and --save_total_limit remove those)."""
+    inputs = [("--model_name_or_path", model_args.model_name_or_path), ("--tokenizer_name_or_path", model_args.tokenizer_name_or_path),
+              ("--peft_path", getattr(lora_args, "peft_path", None))]
+    check_not_an_input(output_dir, "--output_dir", inputs, under="checkpoint-*")
 
 
 def prepare_output_dir(training_args, identity: dict) -> Optional[str]:

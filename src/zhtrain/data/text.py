@@ -108,16 +108,20 @@ class TextBlock:
 def iter_blocks(path: Path, batch_bytes: Optional[int] = None) -> Iterator[TextBlock]:
     """Read a file as blocks cut at line ends: never the whole file in memory."""
     batch_bytes = batch_bytes or BATCH_BYTES
-    offset, line_no, rest = 0, 1, b""
+    offset, line_no = 0, 1
+    pending: list[bytes] = []  # the unfinished last line, in reads: joined once (a long line costs linear time)
     with open(path, "rb") as handle:
         while True:
             data = handle.read(batch_bytes)
-            block = rest + data
-            cut = len(block) if not data else block.rfind(b"\n") + 1
-            if data and cut == 0:  # a line longer than one read: keep reading until it ends
-                rest = block
-                continue
-            block, rest = block[:cut], block[cut:]
+            if data:
+                cut = data.rfind(b"\n") + 1
+                if cut == 0:  # a line longer than one read: keep reading until it ends
+                    pending.append(data)
+                    continue
+                block = b"".join([*pending, data[:cut]])
+                pending = [data[cut:]]
+            else:
+                block, pending = b"".join(pending), []
             if block:
                 yield TextBlock(path, block, offset, line_no)
                 offset += len(block)
@@ -434,12 +438,16 @@ def count_blocks(total_tokens: int, block_size: int) -> int:
     return max(1, total_tokens // block_size)
 
 
-def split_indices(n_blocks: int, fraction: float, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
-    """`fraction` of the blocks (at least one when > 0, never all) go to validation."""
+def check_split_fraction(fraction: float) -> None:
     if not 0 <= fraction < 1:
         raise ZhtrainError(
             f"--validation_split_percentage {fraction}: must be a fraction in [0, 1) as in the seed (0.001 = 0.1%)"
         )
+
+
+def split_indices(n_blocks: int, fraction: float, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """`fraction` of the blocks (at least one when > 0, never all) go to validation."""
+    check_split_fraction(fraction)
     n_eval = min(math.ceil(n_blocks * fraction), n_blocks - 1) if fraction > 0 else 0
     order = np.random.default_rng(seed).permutation(n_blocks)
     return np.sort(order[n_eval:]), np.sort(order[:n_eval])

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from zhtrain.errors import ZhtrainError
+from zhtrain.errors import ZhtrainError, at_least, check_distinct
 
 SUBCOMMANDS = ("train", "merge", "extend")
 POEM = "白日依山尽，黄河入海流。"
@@ -35,6 +35,12 @@ class TrainArguments:
         metadata={"help": "Sampling cap: sentencepiece keeps a uniform random sample of this many lines (in memory); 0 = all."},
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace --output_dir if it exists."})
+
+    def __post_init__(self):
+        at_least(self.vocab_size, 2, "--vocab_size")
+        at_least(self.input_sentence_size, 0, "--input_sentence_size")
+        if not 0.98 <= self.character_coverage <= 1:
+            raise ZhtrainError(f"--character_coverage {self.character_coverage}: sentencepiece takes 0.98 to 1 (0.9995 for Chinese, 1 for small alphabets)")
 
 
 @dataclass
@@ -58,6 +64,12 @@ class ExtendArguments:
     output_dir: Optional[str] = field(default=None, metadata={"help": "Folder for the extended tokenizer."})
     overwrite: bool = field(default=False, metadata={"help": "Replace --output_dir if it exists."})
 
+    def __post_init__(self):
+        at_least(self.num_new_tokens, 1, "--num_new_tokens")
+        at_least(self.min_frequency, 1, "--min_frequency")
+        at_least(self.held_out_every, 0, "--held_out_every")
+        at_least(self.input_sentence_size, 0, "--input_sentence_size")
+
 
 # ---------------------------------------------------------------------------------------------
 # The recipes
@@ -68,11 +80,14 @@ def train(args: TrainArguments) -> Path:
     from zhtrain.tokenizer import corpus, folder, sentencepiece_model as sp
 
     files = corpus.corpus_files(args.corpus)
+    check_distinct(files, "--corpus")
+    inputs = [("--corpus", path) for path in [*args.corpus, *files]]
+    folder.check_output_dir(args.output_dir, args.overwrite, inputs)
     corpus.require_text(files)
     counted = _Counter(corpus.iter_lines(files))
     names = " ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else "")
     say(f"training a {args.model_type} SentencePiece model of {args.vocab_size:,} pieces on {len(files)} file(s)")
-    with folder.new_output_dir(args.output_dir, args.overwrite) as tmp:
+    with folder.new_output_dir(args.output_dir, args.overwrite, inputs) as tmp:
         model_path = sp.train_model(
             counted, tmp / "chinese_sp", args.vocab_size, args.model_type, args.character_coverage, args.input_sentence_size, names
         )
@@ -89,11 +104,13 @@ def merge(args: MergeArguments) -> Path:
     """The seed's merge_tokenizers.py: base pieces + the Chinese pieces it lacks -> tokenizer folder."""
     from zhtrain.tokenizer import folder, sentencepiece_model as sp
 
+    inputs = [("--llama_tokenizer_dir", args.llama_tokenizer_dir), ("--chinese_sp_model_file", args.chinese_sp_model_file)]
+    folder.check_output_dir(args.output_dir, args.overwrite, inputs)
     base_file = sp.base_model_path(args.llama_tokenizer_dir)
     base = sp.read_model(base_file, "--llama_tokenizer_dir")
     chinese = sp.read_model(Path(args.chinese_sp_model_file), "--chinese_sp_model_file")
     merged = sp.merge_models(base, chinese, args.add_pad_token)
-    with folder.new_output_dir(args.output_dir, args.overwrite) as tmp:
+    with folder.new_output_dir(args.output_dir, args.overwrite, inputs) as tmp:
         size = sp.write_hf_folder(merged, tmp, args.add_pad_token)
         folder.write_record(tmp, {"command": "merge", "base": str(base_file), "base_size": len(base.pieces), "size": size, **_plain(args)})
     added = size - len(base.pieces) - (1 if args.add_pad_token else 0)
@@ -110,15 +127,22 @@ def extend(args: ExtendArguments) -> Path:
     from zhtrain.tokenizer import bpe, corpus, folder
 
     base_dir = Path(args.tokenizer_name_or_path or "")
-    base = load_tokenizer(args.tokenizer_name_or_path)
+    if base_dir.is_file():
+        raise ZhtrainError(f"--tokenizer_name_or_path {base_dir} is a file; pass the folder that holds it ({base_dir.parent})")
     listed = parse_new_tokens(args.new_tokens)
     if not args.corpus and not listed:
         raise ZhtrainError("zhtrain tokenizer extend: nothing to add; pass --corpus to learn tokens and/or --new_tokens")
+    inputs = [("--tokenizer_name_or_path", args.tokenizer_name_or_path), *[("--corpus", path) for path in args.corpus]]
+    if args.new_tokens and Path(args.new_tokens).is_file():
+        inputs.append(("--new_tokens", args.new_tokens))
+    folder.check_output_dir(args.output_dir, args.overwrite, inputs)
+    base = load_tokenizer(args.tokenizer_name_or_path)
     held_out = corpus.HeldOut(every=args.held_out_every)
     learned, spec = None, None
     if args.corpus:
         spec = bpe.read_bpe_json(base_dir)
         files = corpus.corpus_files(args.corpus)
+        check_distinct(files, "--corpus")
         corpus.require_text(files)
         lines = corpus.reservoir_sample(held_out.split(corpus.iter_lines(files)), args.input_sentence_size)
         say(f"learning up to {args.num_new_tokens:,} tokens from {len(lines):,} lines ({len(held_out.lines):,} held out)")
@@ -128,7 +152,7 @@ def extend(args: ExtendArguments) -> Path:
                 f"--corpus: no new token occurs at least {args.min_frequency} times that the base lacks; "
                 "pass more text or a lower --min_frequency"
             )
-    with folder.new_output_dir(args.output_dir, args.overwrite) as tmp:
+    with folder.new_output_dir(args.output_dir, args.overwrite, inputs) as tmp:
         copy_tokenizer_files(base_dir, tmp)
         expected = len(base)
         if learned is not None:
@@ -183,6 +207,8 @@ def parse_new_tokens(value: Optional[str]) -> list[str]:
         from zhtrain.tokenizer.corpus import iter_lines
 
         tokens = list(iter_lines([path]))
+    elif "," not in value and (path.suffix in (".txt", ".tsv", ".list", ".csv") or "/" in value):
+        raise ZhtrainError(f"--new_tokens {value}: no such file; pass a file with one token per line, or the tokens comma-separated")
     else:
         tokens = [token.strip() for token in value.split(",") if token.strip()]
     seen: set[str] = set()

@@ -45,7 +45,7 @@ def iter_lines(files: Iterable[Path]) -> Iterator[str]:
 def require_text(files: Sequence[Path]) -> None:
     """An empty corpus is an error before any slow step (reads only up to the first non-blank line)."""
     for path in files:
-        for _ in iter_line_batches(path, batch_bytes=1):
+        for _ in iter_line_batches(path, batch_bytes=1 << 16):
             return
     names = ", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else "")
     raise ZhtrainError(f"--corpus {names}: no text (empty or blank lines only); pass files with one sentence or paragraph per line")

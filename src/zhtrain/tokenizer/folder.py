@@ -7,15 +7,31 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
-from zhtrain.errors import ZhtrainError
+from zhtrain.errors import ZhtrainError, check_not_an_input, check_writable
 
 RECORD_FILE = "zhtrain_tokenizer.json"  # what was built from what, and the measured figures
 
 
+def check_output_dir(output_dir: Optional[str], overwrite: bool, inputs=()) -> Path:
+    """Everything about --output_dir that can fail, before any slow step: required, not a file, not
+    existing unless --overwrite, not one of the `inputs` ((flag, path) pairs) nor holding one (the
+    new folder replaces the old one whole), writable. Returns it as an absolute path."""
+    if not output_dir:
+        raise ZhtrainError("--output_dir is required: the folder to write the tokenizer into")
+    dest = Path(output_dir)
+    if dest.is_file():
+        raise ZhtrainError(f"--output_dir {dest}: is a file; choose a folder path")
+    check_not_an_input(output_dir, "--output_dir", inputs)
+    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
+        raise ZhtrainError(f"--output_dir {dest}: already exists; pass --overwrite to replace it, or choose another folder")
+    check_writable(dest, "--output_dir")
+    return dest.resolve()
+
+
 @contextmanager
-def new_output_dir(output_dir: str, overwrite: bool) -> Iterator[Path]:
+def new_output_dir(output_dir: Optional[str], overwrite: bool, inputs=()) -> Iterator[Path]:
     """Yield a temporary folder beside `output_dir`; it replaces `output_dir` only when complete.
 
     An existing non-empty `output_dir` is refused unless `overwrite`; even then the old folder
@@ -23,13 +39,7 @@ def new_output_dir(output_dir: str, overwrite: bool) -> Iterator[Path]:
     """
     from zhtrain.train import replace_dir
 
-    if not output_dir:
-        raise ZhtrainError("--output_dir is required: the folder to write the tokenizer into")
-    dest = Path(output_dir)
-    if dest.is_file():
-        raise ZhtrainError(f"--output_dir {dest}: is a file; choose a folder path")
-    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
-        raise ZhtrainError(f"--output_dir {dest}: already exists; pass --overwrite to replace it, or choose another folder")
+    dest = check_output_dir(output_dir, overwrite, inputs)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
