@@ -136,7 +136,7 @@ CASES = {
         [str(d / "data" / "gbk.txt"), "byte 10", "line 2"], "iconv -f GB18030 -t UTF-8", [d / "out"]),
     "pretrain-binary-txt": lambda a, d: Case(
         pretrain(a, d, data=write(d / "data" / "model.txt", b"PK\x03\x04\x00\x00binary").parent),
-        [str(d / "data" / "model.txt"), "NUL byte"], "remove it from --dataset_dir", [d / "out"]),
+        [str(d / "data" / "model.txt"), "NUL byte"], "remove it from the input", [d / "out"]),
     "pretrain-vocab-mismatch": lambda a, d: Case(
         pretrain(a, d, model=a["model32k"]), ["model vocabulary 32000", "tokenizer of 400 tokens"], "Use the matching tokenizer",
         [d / "out", d / "cache"]),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -107,6 +109,24 @@ def test_cache_is_reused_and_invalidated_per_file(tmp_path, tokenizer, sp_tokeni
     # --overwrite_cache rebuilds.
     forced, _ = build_token_cache(files, tokenizer, cache, overwrite=True, show_progress=False)
     assert [f.from_cache for f in forced] == [False, False]
+
+
+@pytest.mark.parametrize("damage", ["[]", '{"format_version": 0}', "{", "FORMAT"])
+def test_a_damaged_cache_record_is_tokenized_again(tmp_path, tokenizer, damage):
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "a.txt").write_text("白日依山尽\n" * 50, encoding="utf-8")
+    cache = tmp_path / "cache"
+    files = find_text_files(str(data))
+    first, _ = build_token_cache(files, tokenizer, cache, show_progress=False)
+    (record,) = cache.glob("a-*.json")
+    if damage == "FORMAT":  # the right version, a field of the wrong type
+        meta = json.loads(record.read_text())
+        damage = json.dumps(dict(meta, n_tokens=str(meta["n_tokens"])))
+    record.write_text(damage.replace('"format_version": 0', f'"format_version": {text.FORMAT_VERSION}'))
+    again, stats = build_token_cache(files, tokenizer, cache, show_progress=False)
+    assert [f.from_cache for f in again] == [False] and stats.tokenized_tokens == stats.tokens
+    assert np.array_equal(np.fromfile(again[0].tokens_path, dtype=again[0].dtype), np.fromfile(first[0].tokens_path, dtype=first[0].dtype))
 
 
 def test_a_crash_keeps_finished_files(tmp_path, tokenizer):

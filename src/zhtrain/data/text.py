@@ -110,7 +110,11 @@ def iter_blocks(path: Path, batch_bytes: Optional[int] = None) -> Iterator[TextB
     batch_bytes = batch_bytes or BATCH_BYTES
     offset, line_no = 0, 1
     pending: list[bytes] = []  # the unfinished last line, in reads: joined once (a long line costs linear time)
-    with open(path, "rb") as handle:
+    try:
+        handle = open(path, "rb")
+    except OSError as err:  # unreadable (permissions), vanished, a folder named *.txt
+        raise ZhtrainError(f"{path}: cannot read it ({err.strerror}); check the file and its permissions, or leave it out") from err
+    with handle:
         while True:
             data = handle.read(batch_bytes)
             if data:
@@ -149,13 +153,13 @@ def _decode_block(path: Path, block: bytes, offset: int, line_no: int) -> str:
         where = line_no + block.count(b"\n", 0, nul)
         raise ZhtrainError(
             f"{path}: NUL byte at byte {offset + nul} (line {where}): this looks like a binary file, not text; "
-            "remove it from --dataset_dir"
+            "remove it from the input (--dataset_dir / --corpus / --sample)"
         )
     if bad >= 0:
         where = line_no + block.count(b"\n", 0, bad)
         raise ZhtrainError(
             f"{path}: not valid UTF-8 at byte {offset + bad} (line {where}); convert the file "
-            "(e.g. iconv -f GB18030 -t UTF-8) or move it out of --dataset_dir"
+            "(e.g. iconv -f GB18030 -t UTF-8) or move it out of the input (--dataset_dir / --corpus / --sample)"
         )
     return text
 
@@ -373,11 +377,16 @@ def _sample_lines(path: Path) -> list[str]:
 
 
 def _read_meta(path: Path) -> Optional[dict]:
+    """A cache entry's record, or None (the file is then tokenized again) when missing, stale or damaged."""
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-        return meta if meta.get("format_version") == FORMAT_VERSION else None
     except (OSError, ValueError):
         return None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        return None
+    if not all(isinstance(meta.get(key), int) for key in ("n_tokens", "n_lines")) or not isinstance(meta.get("dtype"), str):
+        return None
+    return meta
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
