@@ -142,6 +142,9 @@ CASES = {
         [d / "out", d / "cache"]),
     "pretrain-tokenizer-missing": lambda a, d: Case(
         pretrain(a, d, tokenizer=d / "tok"), [str(d / "tok")], "tokenizer.json or tokenizer.model", [d / "out", d / "cache"]),
+    "pretrain-tokenizer-config-not-an-object": lambda a, d: Case(
+        pretrain(a, d, tokenizer=tokenizer_with_config(a, d, "[1]")), [str(d / "tok" / "tokenizer_config.json")], "restore the file",
+        [d / "out", d / "cache"]),
     "pretrain-block-size-too-large": lambda a, d: Case(
         pretrain(a, d, "--block_size", "4096"), ["--block_size 4096", "256 positions"], "use --block_size 256 or less", [d / "out", d / "cache"]),
     "pretrain-split-is-a-percent": lambda a, d: Case(
@@ -282,6 +285,12 @@ ALPACA = json.dumps([{"instruction": "你好", "output": "你好！"}], ensure_a
 def copy_folder(source: Path, dest: Path) -> Path:
     shutil.copytree(source, dest)
     return dest
+
+
+def tokenizer_with_config(a, d: Path, config_text: str) -> Path:
+    folder = copy_folder(a["tok"], d / "tok")
+    (folder / "tokenizer_config.json").write_text(config_text)
+    return folder
 
 
 def cut_model(a, d: Path) -> Path:

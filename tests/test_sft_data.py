@@ -81,6 +81,10 @@ BAD_RECORD_CASES = {
         [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}],
         r"message 2: unknown role 'bot' in 'from'; use one of human, user, gpt, assistant, system",
     ),
+    "role that is a list": (
+        [{"from": ["human"], "value": "a"}, {"from": "gpt", "value": "b"}],
+        r"message 1: unknown role \['human'\] in 'from'; use one of human",
+    ),
 }
 
 

@@ -25,6 +25,8 @@ from typing import Optional
 
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
+from zhtrain.errors import ZhtrainError
+
 SPIECE_UNDERLINE = "▁"
 # tokenizer_config.json classes whose tokenizer.model is LLaMA's SentencePiece layout.
 LLAMA_TOKENIZER_CLASSES = frozenset({"LlamaTokenizer", "LlamaTokenizerFast"})
@@ -105,9 +107,12 @@ def is_llama_sentencepiece_folder(folder: Path) -> bool:
     tokenizer_class: Optional[str] = None
     if config_file.is_file():
         try:
-            tokenizer_class = json.loads(config_file.read_text(encoding="utf-8")).get("tokenizer_class")
+            config = json.loads(config_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return False  # let AutoTokenizer report the broken file
+        if not isinstance(config, dict):
+            raise ZhtrainError(f"{config_file}: not a JSON object of tokenizer settings; restore the file saved with the tokenizer")
+        tokenizer_class = config.get("tokenizer_class")
     if tokenizer_class in LLAMA_TOKENIZER_CLASSES:
         return True
     # No class, or transformers 5's generic one (what it saves for a bare tokenizer.model): decide by the model.

@@ -229,7 +229,7 @@ def _message(turn, k: int, role_key: str, text_key: str, roles: dict, where: str
     if not isinstance(turn, dict):
         raise ZhtrainError(f"{place}: a message must be an object with '{role_key}' and '{text_key}'")
     role = turn.get(role_key)
-    if role not in roles:
+    if not isinstance(role, str) or role not in roles:  # a list/dict role is not hashable: checked first
         raise ZhtrainError(f"{place}: unknown role {role!r} in '{role_key}'; use one of {', '.join(roles)}")
     return {"role": roles[role], "content": _text(turn.get(text_key), place, text_key)}
 
