@@ -15,7 +15,6 @@ embedding layers) and/or a low-rank update `B @ A * scaling`, computed in float3
 
 from __future__ import annotations
 
-import json
 import math
 import pickle
 import re
@@ -26,6 +25,7 @@ from typing import Optional
 import torch
 
 from zhtrain.errors import ZhtrainError, refused_pickle
+from zhtrain.weights import read_json_object
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -130,12 +130,7 @@ def read_adapter_config(folder: Path) -> dict:
             f"{folder}: no {CONFIG_NAME}; a LoRA folder needs it (r, lora_alpha, target_modules); copy the one "
             "written with the adapter by training, never a hand-made one (a wrong lora_alpha silently ruins the merge)"
         )
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ZhtrainError(f"{path}: not valid JSON ({err}); restore the file written by training") from err
-    if not isinstance(config, dict):
-        raise ZhtrainError(f"{path}: not a JSON object of LoRA settings; restore the file written by training")
+    config = read_json_object(path, "LoRA settings")
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise ZhtrainError(f"{path}: peft_type {peft_type}; zhtrain merge folds LoRA adapters only")

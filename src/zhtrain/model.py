@@ -109,16 +109,11 @@ def load_config(model_args):
 
 
 def check_weight_files(folder: Path) -> None:
-    """Every safetensors file of the model has a header that covers the file: a copy cut short fails
-    here in one line, before the data step, not in a traceback when the model loads."""
-    from safetensors import safe_open
+    """Every safetensors file of the model is whole (see weights.check_safetensors_file)."""
+    from zhtrain.weights import check_safetensors_file
 
     for path in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(path), "pt") as handle:
-                handle.keys()
-        except Exception as err:  # safetensors raises its own error type for every kind of damage
-            raise ZhtrainError(f"{path}: cannot read it ({err}); the file is damaged or cut short: copy the model again") from err
+        check_safetensors_file(path, "copy the model again")
 
 
 def resolve_dtype(name: Optional[str], on_gpu: bool) -> Optional[torch.dtype]:
@@ -175,27 +170,16 @@ def check_module_names(model, names: list[str], flag: str) -> None:
 
 def check_adapter_folder(folder: str, flag: str) -> None:
     """An adapter folder to continue from, checked before the model loads: a config that is a JSON
-    object, and weights whose safetensors header covers the file (a copy cut short fails here)."""
-    import json
+    object, and weights whose safetensors header covers the file."""
+    from zhtrain.weights import check_safetensors_file, read_json_object
 
     path = Path(folder) / "adapter_config.json"
     if not path.is_file():
         raise ZhtrainError(f"{flag} {folder}: no adapter_config.json there; pass a LoRA adapter folder")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ZhtrainError(f"{path}: not valid JSON ({err}); restore the file written by training") from err
-    if not isinstance(config, dict):
-        raise ZhtrainError(f"{path}: not a JSON object of LoRA settings; restore the file written by training")
+    read_json_object(path, "LoRA settings")
     weights = Path(folder) / "adapter_model.safetensors"
     if weights.is_file():
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(weights), "pt") as handle:
-                handle.keys()
-        except Exception as err:  # safetensors raises its own error type for every kind of damage
-            raise ZhtrainError(f"{weights}: cannot read it ({err}); the file is damaged or cut short: copy it again from the training run") from err
+        check_safetensors_file(weights, "copy it again from the training run")
     elif not (Path(folder) / "adapter_model.bin").is_file():
         raise ZhtrainError(f"{flag} {folder}: no adapter_model.safetensors (or .bin); the adapter's weights are missing")
 

@@ -12,7 +12,6 @@ The recipe, in the order things happen:
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass, field

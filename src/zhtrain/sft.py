@@ -33,7 +33,7 @@ from transformers import TrainerCallback
 from zhtrain import fsdp
 from zhtrain.args import LoraArguments, ModelArguments, ZhtrainTrainingArguments, at_least, parse_args
 from zhtrain.checkpointing import set_checkpointing_kwargs
-from zhtrain.data.chat import LoadStats, find_data_files, load_conversations
+from zhtrain.data.chat import find_data_files, load_conversations
 from zhtrain.data.supervised import (
     LazySupervisedDataset,
     PadToLongest,

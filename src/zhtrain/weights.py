@@ -64,10 +64,30 @@ def read_config(folder: Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise ZhtrainError(f"{folder}: no config.json; pass a model folder in Hugging Face format")
+    return read_json_object(path, "model settings")
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON file that must hold an object (a config): one line naming the file when it does not."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise ZhtrainError(f"{path}: not valid JSON ({err})") from err
+        raise ZhtrainError(f"{path}: not valid JSON ({err}); restore the file written by training") from err
+    if not isinstance(data, dict):
+        raise ZhtrainError(f"{path}: not a JSON object of {what}; restore the file written by training")
+    return data
+
+
+def check_safetensors_file(path: Path, fix: str) -> None:
+    """Its header parses and covers the file: a copy cut short fails here in one line, before any
+    slow step, not in a traceback when the weights load."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            handle.keys()
+    except Exception as err:  # safetensors raises its own error type for every kind of damage
+        raise ZhtrainError(f"{path}: cannot read it ({err}); the file is damaged or cut short: {fix}") from err
 
 
 def open_checkpoint(folder: str | Path, flag: str = "--base_model") -> Checkpoint:
