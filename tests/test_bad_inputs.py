@@ -145,6 +145,9 @@ CASES = {
     "pretrain-tokenizer-config-not-an-object": lambda a, d: Case(
         pretrain(a, d, tokenizer=tokenizer_with_config(a, d, "[1]")), [str(d / "tok" / "tokenizer_config.json")], "restore the file",
         [d / "out", d / "cache"]),
+    "pretrain-tokenizer-model-damaged": lambda a, d: Case(
+        pretrain(a, d, tokenizer=damaged_sp_tokenizer(a, d)), [str(d / "tok" / "tokenizer.model"), "not a SentencePiece model"],
+        "restore the file", [d / "out", d / "cache"]),
     "pretrain-block-size-too-large": lambda a, d: Case(
         pretrain(a, d, "--block_size", "4096"), ["--block_size 4096", "256 positions"], "use --block_size 256 or less", [d / "out", d / "cache"]),
     "pretrain-split-is-a-percent": lambda a, d: Case(
@@ -290,6 +293,14 @@ def copy_folder(source: Path, dest: Path) -> Path:
 def tokenizer_with_config(a, d: Path, config_text: str) -> Path:
     folder = copy_folder(a["tok"], d / "tok")
     (folder / "tokenizer_config.json").write_text(config_text)
+    return folder
+
+
+def damaged_sp_tokenizer(a, d: Path) -> Path:
+    """A SentencePiece-only tokenizer folder whose tokenizer.model is not a model."""
+    folder = copy_folder(a["tok"], d / "tok")
+    (folder / "tokenizer.json").unlink(missing_ok=True)
+    (folder / "tokenizer.model").write_bytes(b"not a model " * 10)
     return folder
 
 

@@ -14,7 +14,12 @@ def run_command(fn, argv=None) -> None:
     try:
         fn(argv)
     except ZhtrainError as err:
-        message = " ".join(str(err).split("\n"))
+        message = str(err)
+        # Raised in a DataLoader worker (--lazy_preprocess), it comes back re-raised by torch with the
+        # worker's traceback in the message: the user's sentence is what follows the last error name.
+        if "Original Traceback" in message and "ZhtrainError: " in message:
+            message = message.rsplit("ZhtrainError: ", 1)[1]
+        message = " ".join(message.strip().split("\n"))
         print(f"zhtrain: error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
 

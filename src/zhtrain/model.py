@@ -42,6 +42,9 @@ def load_tokenizer(path: Optional[str], use_fast: bool = True, trust_remote_code
         raise ZhtrainError(f"tokenizer {path}: no such folder; pass a folder with tokenizer.json or tokenizer.model")
     if backend == "sentencepiece" and not (folder / "tokenizer.model").is_file():
         raise ZhtrainError(f"tokenizer {folder}: --tokenizer_backend sentencepiece needs a tokenizer.model in the folder")
+    damaged = damaged_sentencepiece_model(folder) if not (folder / "tokenizer.json").is_file() else None
+    if damaged:  # what transformers would build the tokenizer from; its own error points at converters (tiktoken)
+        raise ZhtrainError(f"{folder / 'tokenizer.model'}: not a SentencePiece model ({damaged}); restore the file saved with the tokenizer")
     try:
         if backend == "sentencepiece" or (backend == "auto" and is_llama_sentencepiece_folder(folder)):
             tokenizer = SentencePieceLlamaTokenizer.from_pretrained(str(folder))  # the seed's ids (see sp_tokenizer.py)
@@ -166,6 +169,20 @@ def check_module_names(model, names: list[str], flag: str) -> None:
             raise ZhtrainError(
                 f"{flag}: {wanted!r} matches no module of the model; choose from {', '.join(leaves)}"
             )
+
+
+def damaged_sentencepiece_model(folder: Path) -> Optional[str]:
+    """sentencepiece's complaint about the folder's tokenizer.model, or None (absent or readable)."""
+    model_file = folder / "tokenizer.model"
+    if not model_file.is_file():
+        return None
+    import sentencepiece
+
+    try:
+        sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    except (OSError, RuntimeError) as err:
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+    return None
 
 
 def check_adapter_folder(folder: str, flag: str) -> None:

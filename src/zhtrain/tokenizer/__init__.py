@@ -128,11 +128,11 @@ def extend(args: ExtendArguments) -> Path:
 
     base_dir = Path(args.tokenizer_name_or_path or "")
     if base_dir.is_file():
-        raise ZhtrainError(f"--tokenizer_name_or_path {base_dir} is a file; pass the folder that holds it ({base_dir.parent})")
+        base_dir = base_dir.parent  # a tokenizer.json path: its folder, as load_tokenizer reads it
     listed = parse_new_tokens(args.new_tokens)
     if not args.corpus and not listed:
         raise ZhtrainError("zhtrain tokenizer extend: nothing to add; pass --corpus to learn tokens and/or --new_tokens")
-    inputs = [("--tokenizer_name_or_path", args.tokenizer_name_or_path), *[("--corpus", path) for path in args.corpus]]
+    inputs = [("--tokenizer_name_or_path", base_dir), *[("--corpus", path) for path in args.corpus]]
     if args.new_tokens and Path(args.new_tokens).is_file():
         inputs.append(("--new_tokens", args.new_tokens))
     folder.check_output_dir(args.output_dir, args.overwrite, inputs)
