@@ -163,7 +163,7 @@ def test_preprocess_only_writes_one_line_per_sample_and_a_summary(tmp_path, tiny
     assert re.search(r"encoded 4 samples in [\d.]+ s \(\d+ samples/s\)", printed)
     assert result.trainer is None and not (tmp_path / "out").exists()
     # If every sample's prompt alone is too long, that is an error, not an empty run.
-    with pytest.raises(ZhtrainError, match=r"train: all 4 samples were dropped: .* --model_max_length 8"):
+    with pytest.raises(ZhtrainError, match=rf"train \({re.escape(str(data))}\): all 4 samples were dropped: .* --model_max_length 8"):
         run(flags(tiny_model_dir, sp_tokenizer_dir, tmp_path / "out", "--data_path", str(data), "--preprocess_only", "--model_max_length", "8"))
 
 

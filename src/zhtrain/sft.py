@@ -167,9 +167,9 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
         train_samples = encode_conversations(train_convs, tokenizer, template, max_length, data_args.system_prompt)
         eval_samples = encode_conversations(eval_convs, tokenizer, template, max_length, data_args.system_prompt) if eval_convs else []
         flag = "--max_seq_length" if data_args.max_seq_length else "--model_max_length"
-        summaries = {"train": summarize(train_samples, "train", max_length, flag)}
+        summaries = {"train": summarize(train_samples, "train", max_length, flag, train_files)}
         if eval_samples:
-            summaries["eval"] = summarize(eval_samples, "eval", max_length, flag)
+            summaries["eval"] = summarize(eval_samples, "eval", max_length, flag, eval_files)
         seconds = time.perf_counter() - started
         for summary in summaries.values():
             logger.info("%s", summary.line("data"))

@@ -113,8 +113,14 @@ class Summary:
         )
 
 
-def summarize(samples: list[EncodedSample], name: str, max_length: int, flag: str = "--model_max_length") -> Summary:
-    """Count, report each truncated/dropped sample (the first MAX_REPORTED), fail if nothing is left."""
+def describe_files(files) -> str:
+    names = [str(path) for path in files]
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def summarize(samples: list[EncodedSample], name: str, max_length: int, flag: str = "--model_max_length", files=()) -> Summary:
+    """Count, report each truncated/dropped sample (the first MAX_REPORTED), fail if nothing is left
+    (naming `files`, where the samples came from)."""
     summary = Summary()
     reported = flagged = 0
     for sample in samples:
@@ -131,7 +137,7 @@ def summarize(samples: list[EncodedSample], name: str, max_length: int, flag: st
         logger.warning("%s: %d more truncated/dropped samples (--preprocess_only --preprocessed_output lists them all)", name, rest)
     if summary.samples and summary.dropped == summary.samples:
         raise ZhtrainError(
-            f"{name}: all {summary.samples} samples were dropped: their prompts alone do not fit {flag} {max_length}; "
+            f"{name}{' (' + describe_files(files) + ')' if files else ''}: all {summary.samples} samples were dropped: their prompts alone do not fit {flag} {max_length}; "
             f"raise {flag} or shorten the prompts"
         )
     return summary
