@@ -253,6 +253,20 @@ def test_grown_vocabulary_needs_a_tokenizer_of_its_size(world, tmp_path, sp_toke
     assert run_merge(world["base"], [world["first"], bare], tmp_path / "out")["vocab_size"] == 403
 
 
+@pytest.mark.parametrize("patterns, message", [
+    (["q_proj"], r"rank_pattern is list; it must be an object"),
+    ({"q_proj(": 2}, r"rank_pattern key 'q_proj\(' is not a regular expression"),
+    ({"q_proj": "two"}, r"rank_pattern\['q_proj'\] is 'two'"),
+], ids=["list", "bad-regex", "not-a-number"])
+def test_hand_edited_rank_pattern_is_one_line(world, tmp_path, patterns, message):
+    edited = tmp_path / "edited_lora"
+    shutil.copytree(world["first"], edited)
+    config = json.loads((edited / "adapter_config.json").read_text())
+    (edited / "adapter_config.json").write_text(json.dumps(dict(config, rank_pattern=patterns)))
+    with pytest.raises(ZhtrainError, match=message):
+        run_merge(world["base"], [edited], tmp_path / "out")
+
+
 def test_missing_adapter_config(world, tmp_path):
     broken = tmp_path / "no_config"
     shutil.copytree(world["first"], broken)

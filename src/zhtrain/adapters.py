@@ -140,6 +140,17 @@ def read_adapter_config(folder: Path) -> dict:
     for option in ("r", "lora_alpha"):
         if not isinstance(config.get(option), (int, float)) or config[option] <= 0:
             raise ZhtrainError(f"{path}: {option} is {config.get(option)!r}; it must be the positive number used in training")
+    for option in ("rank_pattern", "alpha_pattern"):  # module-name regex -> number, as PEFT writes them
+        patterns = config.get(option) or {}
+        if not isinstance(patterns, dict):
+            raise ZhtrainError(f"{path}: {option} is {type(patterns).__name__}; it must be an object of module pattern -> number, as training wrote it")
+        for pattern, value in patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ZhtrainError(f"{path}: {option} key {pattern!r} is not a regular expression ({err}); restore the file written by training") from err
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ZhtrainError(f"{path}: {option}[{pattern!r}] is {value!r}; it must be the positive number used in training")
     return config
 
 

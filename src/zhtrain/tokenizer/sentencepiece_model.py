@@ -35,7 +35,10 @@ def read_model(path: Path, flag: str):
     path = Path(path)
     if not path.is_file():
         raise ZhtrainError(f"{flag} {path}: no such file; pass a SentencePiece .model file")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as err:  # unreadable (permissions)
+        raise ZhtrainError(f"{flag} {path}: cannot read it ({err.strerror}); check the file's permissions") from err
     not_a_model = f"{flag} {path}: not a SentencePiece model file"
     proto = model_pb2().ModelProto()
     try:
