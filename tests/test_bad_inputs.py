@@ -167,6 +167,9 @@ CASES = {
     "pretrain-peft-path-in-an-output-checkpoint": lambda a, d: Case(
         pretrain(a, d, "--peft_path", copy_folder(a["adapter"], d / "out" / "checkpoint-2" / "pt_lora_model")),
         ["--output_dir", "holds --peft_path"], "choose another path", [d / "cache"]),
+    "pretrain-peft-path-is-the-runs-own-adapter": lambda a, d: Case(
+        pretrain(a, d, "--peft_path", copy_folder(a["adapter"], d / "out" / "pt_lora_model")),
+        ["--output_dir", "the run's adapter", "is also --peft_path"], "choose another path", [d / "cache"]),
     "pretrain-lora-dropout-not-a-probability": lambda a, d: Case(
         pretrain(a, d, "--lora_dropout", "1.5"), ["--lora_dropout 1.5"], "0 <= p < 1", [d / "out", d / "cache"]),
     "pretrain-batch-size-zero": lambda a, d: Case(

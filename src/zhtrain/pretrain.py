@@ -179,9 +179,10 @@ def pretrain(model_args, data_args, lora_args, training_args) -> RunResult:
         raise ZhtrainError("--do_eval needs validation blocks: set --validation_split_percentage above 0")
     check_lora_flags(config, lora_args, model_args.trust_remote_code)
     check_writable(data_args.data_cache_dir or ".", "--data_cache_dir")
-    if training_args.should_save and not data_args.preprocess_only:
-        check_writable(training_args.output_dir, "--output_dir")
-        check_output_keeps_inputs(training_args.output_dir, model_args, lora_args)
+    if not data_args.preprocess_only:
+        check_output_keeps_inputs(training_args.output_dir, model_args, lora_args, "pt_lora_model")  # every rank: paths only
+        if training_args.should_save:
+            check_writable(training_args.output_dir, "--output_dir")
 
     # 2. Data: tokenized once (main process first; the others then read the cache).
     with data_first(training_args):

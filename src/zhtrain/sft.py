@@ -144,9 +144,10 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
         check_adapter_folder(lora_args.peft_path, "--peft_path")
     if data_args.preprocessed_output:
         check_preprocessed_output(data_args.preprocessed_output, train_files + eval_files)
-    elif training_args.should_save and not data_args.preprocess_only:
-        check_writable(training_args.output_dir, "--output_dir")
-        check_output_keeps_inputs(training_args.output_dir, model_args, lora_args)
+    elif not data_args.preprocess_only:
+        check_output_keeps_inputs(training_args.output_dir, model_args, lora_args, "sft_lora_model")  # every rank: paths only
+        if training_args.should_save:
+            check_writable(training_args.output_dir, "--output_dir")
     train_convs = load_conversations(train_files, data_args.data_format)[: data_args.max_train_samples]
     unanswered = sum(c.unanswered for c in train_convs)
     if unanswered:

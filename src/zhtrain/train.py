@@ -46,12 +46,16 @@ RUN_FILE = "zhtrain_run.json"
 # Output folder, resume
 
 
-def check_output_keeps_inputs(output_dir, model_args, lora_args) -> None:
+def check_output_keeps_inputs(output_dir, model_args, lora_args, adapter_folder: str) -> None:
     """--output_dir is not the model, tokenizer or adapter the run starts from, and does not hold one
-    in a `checkpoint-*` folder (--overwrite_output_dir and --save_total_limit remove those)."""
+    in a `checkpoint-*` folder (--overwrite_output_dir and --save_total_limit remove those) or where
+    the run writes its own adapter (`<output_dir>/<adapter_folder>`, replaced at the end)."""
+    peft_path = getattr(lora_args, "peft_path", None)
     inputs = [("--model_name_or_path", model_args.model_name_or_path), ("--tokenizer_name_or_path", model_args.tokenizer_name_or_path),
-              ("--peft_path", getattr(lora_args, "peft_path", None))]
+              ("--peft_path", peft_path)]
     check_not_an_input(output_dir, "--output_dir", inputs, under="checkpoint-*")
+    if peft_path:
+        check_not_an_input(Path(output_dir) / adapter_folder, f"--output_dir {output_dir}: the run's adapter", [("--peft_path", peft_path)])
 
 
 def prepare_output_dir(training_args, identity: dict) -> Optional[str]:
