@@ -267,6 +267,32 @@ def test_hand_edited_rank_pattern_is_one_line(world, tmp_path, patterns, message
         run_merge(world["base"], [edited], tmp_path / "out")
 
 
+def test_pth_output_needs_the_config_sizes(world, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(world["base"], base)
+    config = json.loads((base / "config.json").read_text())
+    del config["hidden_size"]
+    (base / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ZhtrainError, match=r"config.json: no integer hidden_size; --output_type pth needs them"):
+        run_merge(base, [world["first"]], tmp_path / "out", "--output_type", "pth")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda index: index.pop("metadata"), r"no 'metadata' object"),
+    (lambda index: index.update(weight_map=list(index["weight_map"])), r"not a weight index"),
+], ids=["no-metadata", "weight-map-a-list"])
+def test_damaged_weight_index_is_one_line(world, tmp_path, edit, message):
+    base = tmp_path / "base"
+    shutil.copytree(world["base"], base)
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    edit(index)
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ZhtrainError, match=rf"model.safetensors.index.json: {message}"):
+        run_merge(base, [world["first"]], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_adapter_config(world, tmp_path):
     broken = tmp_path / "no_config"
     shutil.copytree(world["first"], broken)

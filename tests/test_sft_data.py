@@ -106,7 +106,9 @@ def test_bad_records_name_file_line_record_and_message(tmp_path, case):
         ('[\n{"instruction": "a", "output": "b"},\n', r"line 3: invalid JSON \(Expecting value\)"),
         ('[{"instruction": "a", "output": "b"}] x', r"line 1: invalid JSON \(extra data after the list\)"),
         ("hello", r"line 1: expected a JSON list"),
+        ('[\n{"instruction": "a", "output": "b"},\n' + "[" * 100_000 + "]" * 100_000 + "\n]", r"line 3: JSON nested too deeply"),
     ],
+    ids=["bad-value", "missing-comma", "unterminated", "extra-data", "not-json", "nested-too-deep"],
 )
 def test_malformed_json_names_the_line(tmp_path, text, pattern):
     path = tmp_path / "broken.json"
@@ -119,6 +121,13 @@ def test_malformed_jsonl_names_the_line(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n\n{"messages": [\n')
     with pytest.raises(ZhtrainError, match=f"^{path}: line 3: invalid JSON"):
+        load(path)
+
+
+def test_deeply_nested_jsonl_line_names_the_line(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ZhtrainError, match=f"^{path}: line 2: JSON nested too deeply"):
         load(path)
 
 

@@ -99,6 +99,7 @@ def merge(opts: MergeOptions) -> dict:
     config = merged_config(plan, opts.dtype)
     if opts.output_type == "pth":
         meta_format.check_names(checkpoint.shapes)
+        meta_format.check_config(config, checkpoint.folder)
     check_disk_space(plan, opts)
 
     with output_folder(opts.output_dir) as tmp:

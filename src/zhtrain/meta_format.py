@@ -76,6 +76,18 @@ def default_num_shards(hidden_size: int) -> int:
     return SHARDS_BY_HIDDEN_SIZE.get(hidden_size, 1)
 
 
+PARAMS_KEYS = ("hidden_size", "num_attention_heads", "num_hidden_layers")  # what params.json and the unpermute need
+
+
+def check_config(config: dict, folder: Path) -> None:
+    missing = [key for key in PARAMS_KEYS if not isinstance(config.get(key), int)]
+    if missing:
+        raise ZhtrainError(
+            f"{folder / 'config.json'}: no integer {', '.join(missing)}; --output_type pth needs them for params.json "
+            "(restore the model's config.json)"
+        )
+
+
 def params_json(config: dict) -> dict:
     """Meta's params.json from an HF LLaMA config (vocab_size -1 as in Meta's and the seed's files)."""
     params = {

@@ -120,9 +120,12 @@ def open_checkpoint(folder: str | Path, flag: str = "--base_model") -> Checkpoin
 
 
 def _shards_from_index(index: Path) -> list[Path]:
-    weight_map = read_json_object(index, "weight index entries").get("weight_map")
+    data = read_json_object(index, "weight index entries")
+    weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
         raise ZhtrainError(f"{index}: not a weight index (no 'weight_map' of tensor -> file names); restore the file saved with the model")
+    if not isinstance(data.get("metadata"), dict):  # transformers' loader reads it (KeyError inside it otherwise)
+        raise ZhtrainError(f"{index}: no 'metadata' object; restore the file saved with the model")
     shards = []
     for name in dict.fromkeys(weight_map.values()):  # file order as first referenced, no duplicates
         path = index.parent / name

@@ -132,6 +132,8 @@ def _read_jsonl(path: Path, text: str) -> Iterator[tuple[str, object]]:
             yield f"line {number}", json.loads(line)
         except ValueError as err:
             raise ZhtrainError(f"{path}: line {number}: invalid JSON ({_reason(err)}); fix that line") from err
+        except RecursionError as err:
+            raise ZhtrainError(f"{path}: line {number}: JSON nested too deeply to be a record; fix that line") from err
 
 
 def _read_json_list(path: Path, text: str, start: int) -> Iterator[tuple[int, object]]:
@@ -147,6 +149,8 @@ def _read_json_list(path: Path, text: str, start: int) -> Iterator[tuple[int, ob
                 value, end = decoder.raw_decode(text, position)
             except json.JSONDecodeError as err:
                 raise ZhtrainError(f"{path}: line {lines.at(err.pos)}: invalid JSON ({err.msg}); fix the file") from err
+            except RecursionError as err:
+                raise ZhtrainError(f"{path}: line {lines.at(position)}: JSON nested too deeply to be a record; fix the file") from err
             yield lines.at(position), value
             position = _skip_space(text, end)
             if position < len(text) and text[position] == ",":
