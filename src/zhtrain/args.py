@@ -17,7 +17,7 @@ from typing import Optional
 from transformers import HfArgumentParser, TrainingArguments
 
 from zhtrain.config import CONFIG_EPILOG, CommandParser, yaml_value, expand_config_file, read_config_file  # noqa: F401
-from zhtrain.errors import ZhtrainError, at_least  # noqa: F401  (at_least: re-exported for the stages)
+from zhtrain.errors import ZhtrainError, at_least
 from zhtrain.vocab import NEW_TOKEN_INITS
 
 logger = logging.getLogger(__name__)

@@ -71,6 +71,17 @@ def check_not_an_input(output, flag: str, inputs, under: Optional[str] = None) -
             )
 
 
+def check_output_file(path, flag: str, inputs) -> None:
+    """A file a command writes at the end (predictions, encoded samples), checked before any work:
+    not one of the `inputs` ((flag, path) pairs), not a folder, in a writable place."""
+    from pathlib import Path
+
+    check_not_an_input(path, flag, inputs)
+    if Path(path).is_dir():
+        raise ZhtrainError(f"{flag} {path} is a folder; pass a file path")
+    check_writable(Path(path).parent, flag)
+
+
 def check_distinct(values, flag: str) -> None:
     """The same path given twice in a comma-separated list (an adapter applied twice, a file trained twice)."""
     from pathlib import Path

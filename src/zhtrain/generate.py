@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from zhtrain.config import CommandParser  # config file first, --print_config, one-line errors
-from zhtrain.errors import ZhtrainError, check_distinct, check_not_an_input, check_writable, run_command
+from zhtrain.errors import ZhtrainError, check_distinct, check_output_file, run_command
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def parse_generate_args(argv: Optional[list[str]] = None) -> GenerateOptions:
     adapters = [part.strip() for part in (ns.lora_model or "").split(",") if part.strip()]
     check_distinct(adapters, "--lora_model")  # an adapter applied twice
     if not ns.interactive:
-        check_predictions_file(ns.predictions_file, ns.data_file)
+        check_output_file(ns.predictions_file, "--predictions_file", [("--data_file", ns.data_file)])
     return GenerateOptions(ns.base_model, adapters, ns.tokenizer_path, ns.data_file, ns.with_prompt, ns.template, ns.system_prompt,
                            ns.interactive, ns.predictions_file, ns.gpus, ns.only_cpu, ns.seed, sampling, ns.alpha, ns.load_in_8bit)
 
@@ -101,14 +101,6 @@ def check_sampling(sampling: dict) -> None:
     for name, ok, rule in checks:
         if not ok:
             raise ZhtrainError(f"--{name} {sampling[name]}: {rule}")
-
-
-def check_predictions_file(predictions_file: str, data_file: Optional[str]) -> None:
-    if data_file:
-        check_not_an_input(predictions_file, "--predictions_file", [("--data_file", data_file)])
-    if Path(predictions_file).is_dir():
-        raise ZhtrainError(f"--predictions_file {predictions_file} is a folder; pass a file path, e.g. {Path(predictions_file) / 'predictions.json'}")
-    check_writable(Path(predictions_file).parent, "--predictions_file")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

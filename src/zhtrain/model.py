@@ -188,17 +188,18 @@ def damaged_sentencepiece_model(folder: Path) -> Optional[str]:
 def check_adapter_folder(folder: str, flag: str) -> None:
     """An adapter folder to continue from, checked before the model loads: a config that is a JSON
     object, and weights whose safetensors header covers the file."""
+    from zhtrain.adapters import CONFIG_NAME, WEIGHT_FILES
     from zhtrain.weights import check_safetensors_file, read_json_object
 
-    path = Path(folder) / "adapter_config.json"
+    path = Path(folder) / CONFIG_NAME
     if not path.is_file():
-        raise ZhtrainError(f"{flag} {folder}: no adapter_config.json there; pass a LoRA adapter folder")
+        raise ZhtrainError(f"{flag} {folder}: no {CONFIG_NAME} there; pass a LoRA adapter folder")
     read_json_object(path, "LoRA settings")
-    weights = Path(folder) / "adapter_model.safetensors"
-    if weights.is_file():
+    weights = next((Path(folder) / name for name in WEIGHT_FILES if (Path(folder) / name).is_file()), None)
+    if weights is None:
+        raise ZhtrainError(f"{flag} {folder}: no {' or '.join(WEIGHT_FILES)}; the adapter's weights are missing")
+    if weights.suffix == ".safetensors":
         check_safetensors_file(weights, "copy it again from the training run")
-    elif not (Path(folder) / "adapter_model.bin").is_file():
-        raise ZhtrainError(f"{flag} {folder}: no adapter_model.safetensors (or .bin); the adapter's weights are missing")
 
 
 def check_lora_flags(config, lora_args, trust_remote_code: bool = False) -> None:

@@ -20,11 +20,11 @@ from typing import Optional
 
 import torch
 
-from zhtrain.args import LoraArguments, ModelArguments, ZhtrainTrainingArguments, at_least, parse_args
+from zhtrain.args import LoraArguments, ModelArguments, ZhtrainTrainingArguments, parse_args
 from zhtrain.checkpointing import set_checkpointing_kwargs
 from zhtrain.data.text import check_split_fraction, load_text_blocks
 from zhtrain.distributed import data_first
-from zhtrain.errors import ZhtrainError, run_command
+from zhtrain.errors import ZhtrainError, at_least, run_command
 from zhtrain.model import (
     apply_lora,
     check_lora_flags,

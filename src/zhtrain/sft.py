@@ -31,7 +31,7 @@ import torch
 from transformers import TrainerCallback
 
 from zhtrain import fsdp
-from zhtrain.args import LoraArguments, ModelArguments, ZhtrainTrainingArguments, at_least, parse_args
+from zhtrain.args import LoraArguments, ModelArguments, ZhtrainTrainingArguments, parse_args
 from zhtrain.checkpointing import set_checkpointing_kwargs
 from zhtrain.data.chat import find_data_files, load_conversations
 from zhtrain.data.supervised import (
@@ -44,7 +44,7 @@ from zhtrain.data.supervised import (
     write_preprocessed,
 )
 from zhtrain.data.templates import get_template, save_template
-from zhtrain.errors import ZhtrainError, check_distinct, check_not_an_input, run_command
+from zhtrain.errors import ZhtrainError, at_least, check_distinct, check_output_file, run_command
 from zhtrain.model import (
     apply_lora, cast_trainable_to_fp32, check_adapter_folder, count_parameters, load_base_model, load_base_tokenizer, load_config, load_tokenizer, sentencepiece_file,
     warn_if_pure_half,
@@ -143,7 +143,7 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
     if lora_args.use_lora and lora_args.peft_path:
         check_adapter_folder(lora_args.peft_path, "--peft_path")
     if data_args.preprocessed_output:
-        check_preprocessed_output(data_args.preprocessed_output, train_files + eval_files)
+        check_output_file(data_args.preprocessed_output, "--preprocessed_output", [("a data file", file) for file in train_files + eval_files])
     elif not data_args.preprocess_only:
         check_output_keeps_inputs(training_args.output_dir, model_args, lora_args, "sft_lora_model")  # every rank: paths only
         if training_args.should_save:
@@ -284,13 +284,6 @@ def data_files(data_args) -> tuple[list[Path], list[Path]]:
         raise ZhtrainError("--eval_data_path and --validation_file both given; they are the same setting, pass one")
     eval_spec = data_args.eval_data_path or data_args.validation_file
     return train, find_data_files(eval_spec, "--eval_data_path" if data_args.eval_data_path else "--validation_file")
-
-
-def check_preprocessed_output(path: str, data: list[Path]) -> None:
-    check_not_an_input(path, "--preprocessed_output", [("a data file", file) for file in data])
-    if Path(path).is_dir():
-        raise ZhtrainError(f"--preprocessed_output {path} is a folder; pass a file path (one JSON line per sample is written there)")
-    check_writable(Path(path).parent, "--preprocessed_output")
 
 
 def finish_preprocess_only(data_args, training_args, summaries, samples, seconds) -> RunResult:
