@@ -3,11 +3,11 @@ r 8 on the seven projections, embed_tokens + lm_head trained in full), same glob
 
   one process   `zhtrain pretrain`, 1 process, per-device batch B x P
   DDP           `torchrun --nproc_per_node P -m zhtrain.pretrain`, batch B each
-  ZeRO-2        the same with --deepspeed configs/ds_zero2_no_offload.json
-  ZeRO-3        the same with --deepspeed configs/ds_zero3.json
+  ZeRO-2        the same with --deepspeed src/zhtrain/configs/ds_zero2_no_offload.json
+  ZeRO-3        the same with --deepspeed src/zhtrain/configs/ds_zero3.json
   FSDP          `torchrun --nproc_per_node P benchmarks/bench_distributed.py --worker`: the HF Trainer
                 cannot shard on CPU (accelerate enables FSDP on GPUs only), so this runs zhtrain's own
-                pieces (tokenizer, token blocks, model, vocabulary, LoRA, `zhtrain.fsdp.shard`, adapter
+                pieces (tokenizer, token blocks, model, vocabulary, LoRA, `zhtrain.distributed.sharded.shard`, adapter
                 save) with AdamW in a plain loop; "FSDP loop, 1 proc" is that loop unsharded.
 
 The one-process runs go without torchrun, as users run them, once with zhtrain's default threads
@@ -72,12 +72,16 @@ def worker(argv: list[str]) -> None:
     import torch.distributed as dist
     from transformers import default_data_collator, set_seed
 
-    from zhtrain import fsdp
-    from zhtrain.args import LoraArguments, ModelArguments
+    from zhtrain.distributed import sharded
+    from zhtrain.training.args import LoraArguments, ModelArguments
     from zhtrain.data.text import load_text_blocks
-    from zhtrain.distributed import full_trainable_state
-    from zhtrain.model import apply_lora, fit_vocabulary, load_base_model, load_config, load_tokenizer, sentencepiece_file
-    from zhtrain.train import save_adapter, set_cpu_threads
+    from zhtrain.distributed.sharded import full_trainable_state
+    from zhtrain.model.lora import apply_lora
+    from zhtrain.model.vocab import fit_vocabulary
+    from zhtrain.model.loading import load_base_model, load_config
+    from zhtrain.tokenizer.loading import load_tokenizer, sentencepiece_file
+    from zhtrain.training.checkpoints import save_adapter
+    from zhtrain.training.setup import set_cpu_threads
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -96,12 +100,12 @@ def worker(argv: list[str]) -> None:
         if world > 1:
             dist.barrier()
     model = load_base_model(model_args, load_config(model_args), on_gpu=False)
-    fit_vocabulary(model, tokenizer, custom_vocab=False, untie=True)
+    fit_vocabulary(model, tokenizer, untie=True)
     model = apply_lora(model, lora_args, gradient_checkpointing=False)
     units = 0
     if world > 1:
-        classes = fsdp.layer_classes(model)
-        fsdp.shard(model, classes)
+        classes = sharded.layer_classes(model)
+        sharded.shard(model, classes)
         units = sum(1 for m in model.modules() if isinstance(m, torch.distributed.fsdp.FSDPModule))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)

@@ -51,8 +51,8 @@ def parse() -> argparse.Namespace:
 def main() -> None:
     import torch
 
-    from zhtrain import assets
-    from zhtrain.tokenizer import main as tokenizer_main
+    from zhtrain.demo import assets
+    from zhtrain.build_tokenizer import main as tokenizer_main
 
     args = parse()
     torch.manual_seed(0)
@@ -92,7 +92,7 @@ def main() -> None:
 
 
 def load_tokenizer(folder: Path):
-    from zhtrain.model import load_tokenizer as load
+    from zhtrain.tokenizer.loading import load_tokenizer as load
 
     return load(str(folder))
 
@@ -108,11 +108,11 @@ def resized_model(model_dir: Path, base_tok, ext_tok, init: str):
     """The extended model at step 0: exactly what `zhtrain pretrain` builds before training."""
     import torch
 
-    from zhtrain.model import fit_vocabulary
+    from zhtrain.model.vocab import fit_vocabulary
 
     torch.manual_seed(42)
     model = load_model(model_dir)
-    fit_vocabulary(model, ext_tok, custom_vocab=True, untie=True, new_token_init=init, base_tokenizer=base_tok)
+    fit_vocabulary(model, ext_tok, untie=True, new_token_init=init, base_tokenizer=base_tok)
     return model
 
 

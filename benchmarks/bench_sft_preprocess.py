@@ -29,11 +29,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from zhtrain import assets  # noqa: E402
+from zhtrain.demo import assets
 from zhtrain.data.chat import load_conversations  # noqa: E402
 from zhtrain.data.supervised import encode_conversations  # noqa: E402
 from zhtrain.data.templates import get_template  # noqa: E402
-from zhtrain.model import load_tokenizer  # noqa: E402
+from zhtrain.tokenizer.loading import load_tokenizer  # noqa: E402
 
 
 def build_conversation_file(path: Path, n: int, seed: int = 0) -> Path:

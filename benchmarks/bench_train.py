@@ -17,7 +17,7 @@ trained in full (`modules_to_save`), block 512, batch 1, the seed's run_pt.sh op
 Both read the same token blocks (zhtrain's cache of People's Daily text, built once before the
 runs) in the same order with the same seed, so their loss curves must agree. Each run is a fresh
 child process; runs alternate; tokens/s is steps x 512 / seconds from the first step's start to
-the last step's end (zhtrain.report.ThroughputCallback in both); peak memory is the child's whole
+the last step's end (zhtrain.training.report.ThroughputCallback in both); peak memory is the child's whole
 process, sampled (PSS and RSS). A process that only imports torch/transformers/peft/zhtrain is
 measured in each round too: the peak above it is the training's own memory (weights, gradients,
 AdamW states, activations, the loss), which is what the two recipes differ in.
@@ -132,7 +132,7 @@ def prepare() -> tuple[Path, Path, Path, Path]:
     if not any(cache.glob("*.tokens")):  # build the token cache once, outside the measured runs
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
         from zhtrain.data.text import load_text_blocks
-        from zhtrain.model import load_tokenizer
+        from zhtrain.tokenizer.loading import load_tokenizer
 
         load_text_blocks(str(corpus.parent), load_tokenizer(str(tokenizer)), BLOCK, str(cache), 0.001, show_progress=False)
     return tokenizer, model, corpus.parent, cache

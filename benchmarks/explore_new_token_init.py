@@ -36,9 +36,9 @@ CJK = re.compile(r"[\u4e00-\u9fff]")
 
 
 def main() -> None:
-    from zhtrain import assets
-    from zhtrain.contextual_init import last_hidden_states
-    from zhtrain.vocab import subword_pieces
+    from zhtrain.demo import assets
+    from zhtrain.model.contextual_init import last_hidden_states
+    from zhtrain.model.vocab import subword_pieces
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layer", type=int, default=8)

@@ -1,6 +1,6 @@
 """The GPU check behind benchmarks/gpu_check.sh: two real runs on one GPU, with measured figures.
 
-1. `zhtrain pretrain` as the seed's run_pt.sh runs it: DeepSpeed ZeRO-2 (configs/ds_zero2_no_offload.json),
+1. `zhtrain pretrain` as the seed's run_pt.sh runs it: DeepSpeed ZeRO-2 (src/zhtrain/configs/ds_zero2_no_offload.json),
    --fp16, --torch_dtype float16, gradient checkpointing, LoRA r 8 on the seven projections with
    embed_tokens + lm_head trained in full, on a ~1.1B random LLaMA (TinyLlama-1.1B's shape, vocab
    32000) grown to a 49953-token tokenizer (the seed's "train Chinese LLaMA" mode), block 2048.

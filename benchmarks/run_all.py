@@ -115,7 +115,9 @@ def targets(report: dict) -> list[tuple[str, str, str, str]]:
         if "baseline-fast" in kinds:
             fast = kinds["baseline-fast"]
             measured += f"; {ours['mb_per_s'] / fast['mb_per_s']:.2f}x the recipe with transformers 5's fast tokenizer ({fast['mb_per_s']:.2f} MB/s)"
-        rows.append(("P1 preprocessing tokens/s, 50 MB, 49953 tokenizer, 2 workers", ">= 4x baseline and >= 80% of raw sentencepiece",
+        tokenizer = {"chinese": "49953"}.get(report["p1"]["tokenizer"], report["p1"]["tokenizer"])
+        rows.append((f"P1 preprocessing tokens/s, {report['p1']['size_mb']:.0f} MB, {tokenizer} tokenizer, {report['p1']['workers']} workers",
+                     ">= 4x baseline and >= 80% of raw sentencepiece",
                      measured, yes(speed >= 4 and of_raw >= 0.8)))
     if "p2" in report:
         peaks = [(r["size_mb"], r["peak_pss"], r["peak_rss"]) for r in report["p2"]["rows"]]
@@ -197,14 +199,14 @@ def render(info, report, commands, durations, total, started, quick) -> str:
         out += [f"Tokenization path chosen by zhtrain: {'; '.join(report['p1']['kinds']['zhtrain'].get('encoder') or ['-'])}.", ""]
         out += ["Each run, MB/s (the spread shows how much other work on the machine moved the figures):", ""]
         out += [f"- {kind}: " + ", ".join(f"{r['mb_per_s']:.2f}" for r in s["runs"]) for kind, s in report["p1"]["kinds"].items()]
-        out += ["", P1_NOTE, ""]
+        out += ["", p1_note(report["p1"]), ""]
     if "p2" in report:
         out += ["## P2: preprocessing memory vs corpus size", "", "```", capture(bench_preprocess.print_p2, report["p2"]), "```", ""]
     if "p3" in report:
         out += ["## P3/P4: pre-training throughput and memory", "", "```", capture(bench_train.print_report, report["p3"]), "```", ""]
         out += ["Each run, tokens/s:", ""]
         out += [f"- {kind}: " + ", ".join(f"{r['tokens_per_s']:.0f}" for r in s["runs"]) for kind, s in report["p3"]["kinds"].items()]
-        out += ["", P3_NOTE, ""]
+        out += ["", p3_note(report["p3"]), ""]
         losses = {kind: s["losses"][:20] for kind, s in report["p3"]["kinds"].items()}
         out += ["Loss, first steps (same seed, same blocks):", "", "| step | " + " | ".join(losses) + " |",
                 "|---|" + "---|" * len(losses)]
@@ -219,34 +221,45 @@ def render(info, report, commands, durations, total, started, quick) -> str:
     return "\n".join(out)
 
 
-P1_NOTE = """The baseline tokenizes as the seed did, with the slow sentencepiece-backed `LlamaTokenizer`
-(transformers 5 dropped it; zhtrain's `SentencePieceLlamaTokenizer` is the same thing and gives the same
-ids). `baseline-fast` runs the same recipe with transformers 5's `AutoTokenizer`, a `tokenizers`
-conversion of the model: faster, but on this 49953-piece merge its ids differ from sentencepiece's on
-about a third of People's Daily lines (17,953 appended pieces share score 0; sentencepiece breaks ties
-by position, a converted BPE by merge rank). zhtrain loads LLaMA SentencePiece folders with the seed's
-ids (`--tokenizer_backend auto`), so its exact fast path is raw sentencepiece, one process per core,
-checked against the tokenizer's own ids on a sample at run time."""
+# The notes under P1 and P3/P4 say what the columns are and how they are measured; every figure in
+# them is formatted from this run's report (results.md holds only what its run computed).
 
-P3_NOTE = """`baseline-passive` is the baseline with `OMP_WAIT_POLICY=PASSIVE`, which zhtrain sets for itself:
-zhtrain / baseline-passive is what zhtrain's training changes give; baseline-passive / baseline is the
-thread policy alone. On quiet cores the two policies are within run-to-run noise (measured on pinned,
-otherwise idle cores: baseline 490-604 tokens/s spinning vs 534-590 passive); when anything else runs
-on the cores, OpenMP's spinning threads slow each other down several-fold (zhtrain 46-52 vs 347-381
-tokens/s measured on this shared machine), so a median that includes such a run overstates the ratio
-zhtrain / baseline. What differs in zhtrain: the chunked lm_head loss (no `block x vocab` logits, each
-chunk's gradients formed at once, the 1/N normaliser applied inside the chunks), PEFT's frozen
-originals of embed_tokens/lm_head sharing the trained tensors (98 MB here), and LoRA dropout masks
-drawn once instead of again in the checkpointed recompute (`zhtrain-redraw` draws them twice; a draw
-costs ~13 ns an element on CPU). The same in both: the three lm_head matmuls (~46% of a step), the
-zero-filled dense embedding gradient, fused AdamW over the 25.6 M trained weights, their dense
-gradients and clipping; so about 1.2x is the ceiling without changing results. Memory floor: fp32 weights + gradients + AdamW states of the trained
-weights (0.42 GB) plus the libraries (0.36 GB) are already 0.63x of the baseline's peak. Of both
-peaks, ~0.12 GB are clean file-backed pages of the model's memory-mapped safetensors (the process's
-RssFile grows by 123 MB while the model is set up, as PEFT copies embed_tokens/lm_head): counted in
-RSS/PSS, but the kernel can drop them under memory pressure. `torch.compile` (the Trainer's
-`--torch_compile`) was measured and is not used: 1.17x per step once compiled, an 80 s first step, and
-the loss off by 1.9e-4 at step 3."""
+
+def p1_note(p1: dict) -> str:
+    kinds = p1["kinds"]
+    text = ("The baseline tokenizes as the seed did, with the slow sentencepiece-backed `LlamaTokenizer`\n"
+            "(transformers 5 dropped it; zhtrain's `SentencePieceLlamaTokenizer` is the same thing and gives the same\n"
+            "ids).")
+    if "baseline-fast" in kinds:
+        text += (" `baseline-fast` runs the same recipe with transformers 5's `AutoTokenizer`, a `tokenizers`\n"
+                 "conversion of the model.")
+    text += (" zhtrain loads LLaMA SentencePiece folders with the seed's ids\n"
+             "(`--tokenizer_backend auto`), so its exact fast path is raw sentencepiece, one process per core,\n"
+             "checked against the tokenizer's own ids on a sample at run time.")
+    return text
+
+
+def p3_note(p3: dict) -> str:
+    tps = {kind: s["tokens_per_s"] for kind, s in p3["kinds"].items()}
+    lines = []
+    if "baseline-passive" in tps:
+        clauses = []
+        if "zhtrain" in tps:
+            clauses.append(f"zhtrain / baseline-passive (this run: {tps['zhtrain'] / tps['baseline-passive']:.2f}x) is what "
+                           "zhtrain's training changes give")
+        if "baseline" in tps:
+            clauses.append(f"baseline-passive / baseline (this run: {tps['baseline-passive'] / tps['baseline']:.2f}x) is the "
+                           "thread policy alone")
+        lines.append("`baseline-passive` is the baseline with `OMP_WAIT_POLICY=PASSIVE`, which zhtrain sets for itself"
+                     + (":\n" + ";\n".join(clauses) if clauses else "") + ".")
+    lines.append("What differs in zhtrain: the chunked lm_head loss (no `block x vocab` logits, each\n"
+                 "chunk's gradients formed at once, the 1/N normaliser applied inside the chunks), PEFT's frozen\n"
+                 "originals of embed_tokens/lm_head sharing the trained tensors, and LoRA dropout masks\n"
+                 "drawn once instead of again in the checkpointed recompute"
+                 + (" (`zhtrain-redraw` draws them twice)." if "zhtrain-redraw" in tps else "."))
+    lines.append("The same in both: the lm_head matmuls, the zero-filled dense embedding gradient, fused AdamW over\n"
+                 "the trained weights, their dense gradients and clipping.")
+    return "\n".join(lines)
 
 
 def capture(fn, *args) -> str:

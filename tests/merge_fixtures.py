@@ -31,7 +31,7 @@ def make_adapter(
     """Attach a LoRA to `model` (already resized/untied as training would), randomise it, save it."""
     from peft import LoraConfig, get_peft_model
 
-    from zhtrain.vocab import resize_embeddings, untie_embeddings
+    from zhtrain.model.vocab import resize_embeddings, untie_embeddings
 
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer
@@ -76,7 +76,7 @@ def peft_reference(base_dir: Path, adapters: list[Path], vocabs: list[int]):
     """Independent of zhtrain.verify: adapter 1 merged with PEFT, grown, adapter 2 attached, ..."""
     from peft import PeftModel
 
-    from zhtrain.vocab import resize_embeddings, untie_embeddings
+    from zhtrain.model.vocab import resize_embeddings, untie_embeddings
 
     model = load_model(base_dir)
     for position, (adapter, vocab) in enumerate(zip(adapters, vocabs)):

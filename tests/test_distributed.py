@@ -139,7 +139,7 @@ def reference(tmp_path_factory, small_model, sp_tokenizer_dir, corpus) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["DistributedDataParallel", "DeepSpeedEngine"])
 def test_two_processes_train_like_one(tmp_path, small_model, sp_tokenizer_dir, corpus, reference, engine):
-    extra = ["--deepspeed", str(REPO / "configs" / "ds_zero2_no_offload.json")] if engine == "DeepSpeedEngine" else []
+    extra = ["--deepspeed", str(REPO / "src" / "zhtrain" / "configs" / "ds_zero2_no_offload.json")] if engine == "DeepSpeedEngine" else []
     out, cache = tmp_path / "out", tmp_path / "cache"
     cmd = [*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "zhtrain.pretrain",
            *flags(small_model, sp_tokenizer_dir, corpus, out, cache, 1, *extra)]
@@ -199,7 +199,7 @@ def test_two_nodes_on_loopback_train_like_one(tmp_path, small_model, sp_tokenize
     for node, (proc, log) in enumerate(zip(procs, logs)):
         assert proc.returncode == 0, f"node {node}:\n{log[-5000:]}"
         assert "trained with engine DistributedDataParallel, world size 2" in log  # each node's local main logs
-    # Tokenized once, by node 0; node 1 waited, then read the cache (zhtrain.distributed.data_first).
+    # Tokenized once, by node 0; node 1 waited, then read the cache (zhtrain.distributed.engines.data_first).
     built = [re.search(r"\(([\d,]+) from cache\)", log).group(1) for log in logs]
     assert built[0] == "0" and built[1] != "0", built
     assert_cache_built_once(cache, corpus)
@@ -219,7 +219,7 @@ def test_zero3_resizes_trains_embeddings_and_saves_a_full_adapter(tmp_path, smal
 
     out, cache = tmp_path / "out", tmp_path / "cache"
     cmd = [*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "zhtrain.pretrain",
-           *flags(small_model, sp_tokenizer_dir, corpus, out, cache, 1, "--deepspeed", str(REPO / "configs" / "ds_zero3.json"))]
+           *flags(small_model, sp_tokenizer_dir, corpus, out, cache, 1, "--deepspeed", str(REPO / "src" / "zhtrain" / "configs" / "ds_zero3.json"))]
     log = run(cmd, tmp_path)
     text = log.stdout + log.stderr
     assert "trained with engine DeepSpeedEngine, world size 2" in text
@@ -249,7 +249,7 @@ def test_zero3_stage1_trains_only_the_new_rows(tmp_path, small_model, sp_tokeniz
 
     out, cache = tmp_path / "out", tmp_path / "cache"
     cmd = [*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "zhtrain.pretrain",
-           *flags(small_model, sp_tokenizer_dir, corpus, out, cache, 1, "--deepspeed", str(REPO / "configs" / "ds_zero3.json"),
+           *flags(small_model, sp_tokenizer_dir, corpus, out, cache, 1, "--deepspeed", str(REPO / "src" / "zhtrain" / "configs" / "ds_zero3.json"),
                   "--training_stage", "embeddings", "--train_new_rows_only", "--save_strategy", "no")]
     text = (lambda log: log.stdout + log.stderr)(run(cmd, tmp_path))
     assert "trained with engine DeepSpeedEngine, world size 2" in text
@@ -383,7 +383,7 @@ def test_deepspeed_config_contradicting_the_flags_is_one_line(tmp_path, tiny_mod
     from zhtrain.errors import ZhtrainError
     from zhtrain.pretrain import parse_pretrain_args
 
-    config = json.loads((REPO / "configs" / "ds_zero2_no_offload.json").read_text())
+    config = json.loads((REPO / "src" / "zhtrain" / "configs" / "ds_zero2_no_offload.json").read_text())
     config["fp16"]["enabled"] = True
     path = tmp_path / "ds_fp16.json"
     path.write_text(json.dumps(config))

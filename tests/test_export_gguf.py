@@ -105,7 +105,7 @@ def test_converter_is_extracted_once_from_the_pinned_source_package(tmp_path, mo
             archive.addfile(info, io.BytesIO(data))
     blob = payload.getvalue()
     monkeypatch.setenv("ZHTRAIN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(export, "LLAMA_CPP", export.assets.Sdist("llama-cpp-python", "0.3.36", "llama_cpp_python-0.3.36.tar.gz",
+    monkeypatch.setattr(export, "LLAMA_CPP", export.files.Sdist("llama-cpp-python", "0.3.36", "llama_cpp_python-0.3.36.tar.gz",
                                                                   hashlib.sha256(blob).hexdigest(), root.rstrip("/")))
     calls = []
 

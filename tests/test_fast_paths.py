@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from zhtrain.data import text
 from zhtrain.data.encoders import DocumentEncoder, SentencePieceEncoder, TokenizersEncoder, choose_encoder
 from zhtrain.data.text import build_token_cache, find_text_files
-from zhtrain.model import load_tokenizer
+from zhtrain.tokenizer.loading import load_tokenizer
 
 SHARED_TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers"
 SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpora" / "peoples-daily-199801.txt"
@@ -194,12 +194,12 @@ def tiny_peft_model(tiny_model_dir, modules_to_save=("embed_tokens", "lm_head"),
 
 
 def trainer_for(model, chunked: bool, tmp_path):
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
-    from zhtrain.loss import ChunkedLossTrainer
+    from zhtrain.training.trainer import NonFiniteLossGuard, ZhtrainTrainer
 
     args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to="none", use_cpu=True, per_device_train_batch_size=2)
-    return (ChunkedLossTrainer if chunked else Trainer)(model=model, args=args)
+    return ZhtrainTrainer(model=model, args=args, loss_guard=NonFiniteLossGuard(), chunked_loss=chunked)
 
 
 def loss_and_grads(trainer, model, inputs, num_items):
@@ -214,8 +214,8 @@ def loss_and_grads(trainer, model, inputs, num_items):
 @pytest.mark.parametrize("modules_to_save", [("embed_tokens", "lm_head"), ()], ids=["trained-head", "frozen-head"])
 @pytest.mark.parametrize("num_items", [None, 37], ids=["mean", "num_items_in_batch"])
 def test_chunked_loss_equals_the_models_loss_and_gradients(tmp_path, tiny_model_dir, modules_to_save, num_items, monkeypatch):
-    import zhtrain.loss as loss_module
-    from zhtrain.loss import plain_output_layers
+    import zhtrain.training.loss as loss_module
+    from zhtrain.training.loss import plain_output_layers
 
     model = tiny_peft_model(tiny_model_dir, modules_to_save)
     assert plain_output_layers(model) is not None
@@ -242,7 +242,7 @@ def test_chunked_loss_equals_the_models_loss_and_gradients(tmp_path, tiny_model_
 
 
 def test_lora_on_lm_head_keeps_the_plain_loss(tiny_model_dir):
-    from zhtrain.loss import plain_output_layers
+    from zhtrain.training.loss import plain_output_layers
 
     model = tiny_peft_model(tiny_model_dir, (), targets=("q_proj", "lm_head"))
     assert plain_output_layers(model) is None
@@ -268,7 +268,7 @@ class _CountOps(TorchDispatchMode):
 
 def checkpointed_step(tiny_model_dir, keep_masks: bool):
     """Loss, gradients and the dropout masks drawn in forward and in backward (the recompute)."""
-    from zhtrain.checkpointing import keep_lora_dropout_masks
+    from zhtrain.training.activation_checkpointing import keep_lora_dropout_masks
 
     model = tiny_peft_model(tiny_model_dir, (), targets=("q_proj", "v_proj", "down_proj"), dropout=0.3)
     if keep_masks:
@@ -299,7 +299,7 @@ def test_kept_dropout_masks_give_the_same_gradients_from_one_draw(tiny_model_dir
 
 
 def test_kept_mask_dropout_is_plain_dropout_in_values():
-    from zhtrain.checkpointing import KeptMaskDropout
+    from zhtrain.training.activation_checkpointing import KeptMaskDropout
 
     x = torch.randn(3, 17, 40)
     for p in (0.05, 0.5):
@@ -327,8 +327,8 @@ def test_kept_mask_dropout_is_plain_dropout_in_values():
 
 
 def test_checkpointing_kwargs_reach_the_trainer(tmp_path, tiny_model_dir):
-    from zhtrain.args import ZhtrainTrainingArguments
-    from zhtrain.checkpointing import KeptMaskDropout, set_checkpointing_kwargs
+    from zhtrain.training.args import ZhtrainTrainingArguments
+    from zhtrain.training.activation_checkpointing import KeptMaskDropout, set_checkpointing_kwargs
 
     def args(**extra):
         return ZhtrainTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, gradient_checkpointing=True, **extra)
@@ -373,12 +373,12 @@ def test_pretrain_with_fast_paths_equals_pretrain_without(tmp_path, tiny_model_d
         result = pretrain(*parse_pretrain_args(argv))
         losses = [entry["loss"] for entry in result.trainer.state.log_history if "loss" in entry]
         cache = sorted((tmp_path / name / "cache").glob("*.tokens"))
-        return losses, [np.fromfile(p, dtype=np.uint16).tolist() for p in cache], type(result.trainer).__name__
+        return losses, [np.fromfile(p, dtype=np.uint16).tolist() for p in cache], result.trainer.chunked_loss_active
 
     fast_losses, fast_tokens, fast_trainer = run("fast")
     plain_losses, plain_tokens, plain_trainer = run("plain", "--fast_tokenization", "False", "--chunked_loss", "False",
                                                           "--keep_dropout_masks", "False")
-    assert (fast_trainer, plain_trainer) == ("ChunkedLossTrainer", "Trainer")
+    assert (fast_trainer, plain_trainer) == (True, False)
     assert fast_tokens == plain_tokens and len(fast_tokens) == 2
     assert len(fast_losses) == len(plain_losses) == 6
     np.testing.assert_allclose(fast_losses, plain_losses, rtol=0, atol=1e-5)

@@ -69,7 +69,7 @@ def load_model_dir(folder):
 
 def test_with_prompt_uses_the_template_table(models, tmp_path):
     from zhtrain.data.templates import get_template, save_template
-    from zhtrain.model import load_tokenizer
+    from zhtrain.tokenizer.loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(models["merged"]))  # what generate uses: sentencepiece for a LLaMA folder
     out = run("--base_model", models["merged"], "--data_file", models["data"], "--with_prompt", "--template", "alpaca",

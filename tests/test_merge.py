@@ -15,7 +15,7 @@ from merge_fixtures import ALL_TARGETS, extended_tokenizer, load_model, logits, 
 from merge_fixtures import copy_tokenizer as copy_tokenizer_files
 
 from zhtrain import merge as merge_module
-from zhtrain import meta_format
+from zhtrain.weights import meta
 from zhtrain.errors import ZhtrainError
 from zhtrain.merge import merge, parse_merge_args
 
@@ -85,7 +85,7 @@ def test_stacked_merge_with_vocab_growth_equals_peft(world, tmp_path):
 
 def test_merge_holds_one_output_shard_and_one_tensor_at_most(world, tmp_path, monkeypatch):
     """Low memory by construction: live merged tensors never exceed --max_shard_size plus the tensor at hand."""
-    from zhtrain import weights
+    from zhtrain.weights import hf_folder as weights
 
     real_add, live, peaks = weights.ShardWriter.add, [], []
 
@@ -175,7 +175,7 @@ def test_pth_output_round_trips_exactly(world, tmp_path):
     assert tuple(shards[0]["layers.1.attention.wk.weight"].shape) == (8, 32)
     assert torch.equal(shards[0]["layers.0.attention_norm.weight"], shards[1]["layers.0.attention_norm.weight"])
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    back = meta_format.read_meta(pth, config)
+    back = meta.read_meta(pth, config)
     hf = load_model(tmp_path / "hf").state_dict()
     assert set(back) == set(hf)
     for name, tensor in back.items():
@@ -187,21 +187,21 @@ def test_unpermute_inverts_transformers_permute():
     w = torch.randn(64, 48)
     for heads in (4, 8):
         hf_layout = w.view(heads, 64 // heads // 2, 2, 48).transpose(1, 2).reshape(64, 48)  # convert_llama_weights_to_hf
-        assert torch.equal(meta_format.unpermute(hf_layout, heads), w)
-        assert torch.equal(meta_format.permute(meta_format.unpermute(w, heads), heads), w)
+        assert torch.equal(meta.unpermute(hf_layout, heads), w)
+        assert torch.equal(meta.permute(meta.unpermute(w, heads), heads), w)
 
 
 def test_meta_split_rules_match_the_seed():
-    assert meta_format.split_sizes(49953, 2, uneven_ok=True, name="output.weight") == [24976, 24977]
-    parts = meta_format.to_meta_parts("lm_head.weight", torch.zeros(49953, 4), {"num_attention_heads": 2}, 2)
+    assert meta.split_sizes(49953, 2, uneven_ok=True, name="output.weight") == [24976, 24977]
+    parts = meta.to_meta_parts("lm_head.weight", torch.zeros(49953, 4), {"num_attention_heads": 2}, 2)
     assert [p.shape[0] for _, p in parts] == [24976, 24977]
-    assert meta_format.default_num_shards(5120) == 2 and meta_format.default_num_shards(576) == 1
+    assert meta.default_num_shards(5120) == 2 and meta.default_num_shards(576) == 1
     with pytest.raises(ZhtrainError, match="does not divide"):
-        meta_format.to_meta_parts("model.layers.0.mlp.down_proj.weight", torch.zeros(8, 10), {}, 3)
+        meta.to_meta_parts("model.layers.0.mlp.down_proj.weight", torch.zeros(8, 10), {}, 3)
 
 
 def test_fan_in_fan_out_and_embedding_lora_are_transposed():
-    from zhtrain.adapters import to_edits
+    from zhtrain.weights.adapter_file import to_edits
 
     A, B = torch.randn(2, 6), torch.randn(5, 2)
     config = {"r": 2, "lora_alpha": 4, "fan_in_fan_out": True}
@@ -324,7 +324,7 @@ def test_failure_mid_write_leaves_nothing_that_looks_complete(world, tmp_path, m
     (out / "keep.txt").write_text("old")  # --overwrite: the old folder must survive a failed merge
     calls = []
 
-    from zhtrain import weights
+    from zhtrain.weights import hf_folder as weights
 
     def failing_save(tensors, path, _real=weights.save_shard):
         calls.append(path)

@@ -12,8 +12,8 @@ from fixtures import make_tiny_llama
 from test_tokenizer import chinese_lines, make_bpe_tokenizer, write_corpus
 
 from zhtrain.errors import ZhtrainError
-from zhtrain.tokenizer import main as tokenizer_main
-from zhtrain.vocab import resize_embeddings, subword_pieces
+from zhtrain.build_tokenizer import main as tokenizer_main
+from zhtrain.model.vocab import resize_embeddings, subword_pieces
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def hidden_state_of(model, ids: list[int], layer: int) -> torch.Tensor:
 
 
 def test_contextual_rows_come_from_the_models_hidden_states(sp_tokenizer_dir, merged_dir, tiny_model_dir):
-    from zhtrain.contextual_init import TEMPERATURE, TOP, candidate_old_tokens, hidden_layer
+    from zhtrain.model.contextual_init import TEMPERATURE, TOP, candidate_old_tokens, hidden_layer
 
     base, new = tokenizers(sp_tokenizer_dir, merged_dir)
     model = load(tiny_model_dir).train()
@@ -166,7 +166,7 @@ def test_contextual_rows_come_from_the_models_hidden_states(sp_tokenizer_dir, me
 
 
 def test_contextual_states_stop_at_their_layer(tiny_model_dir):
-    from zhtrain.contextual_init import last_hidden_states
+    from zhtrain.model.contextual_init import last_hidden_states
 
     model = load(tiny_model_dir).eval()
     layers = model.get_decoder().layers
@@ -185,7 +185,7 @@ def test_contextual_states_stop_at_their_layer(tiny_model_dir):
 
 
 def test_contextual_mixes_letters_not_punctuation(sp_tokenizer_dir, merged_dir):
-    from zhtrain.contextual_init import candidate_old_tokens
+    from zhtrain.model.contextual_init import candidate_old_tokens
 
     base, new = tokenizers(sp_tokenizer_dir, merged_dir)
     new.add_tokens(["黄河。"])

@@ -263,7 +263,7 @@ def test_run_pt_sh_runs_to_the_end_with_deepspeed(tmp_path, tiny_model_dir, sp_t
         "--block_size 512": "--block_size 32",
         "output_dir=output_dir": f"output_dir={tmp_path / 'out'}",
         "data_cache=temp_data_cache_dir": f"data_cache={tmp_path / 'cache'}",
-        "deepspeed_config_file=ds_zero2_no_offload.json": f"deepspeed_config_file={REPO / 'configs' / 'ds_zero2_no_offload.json'}",
+        "deepspeed_config_file=ds_zero2_no_offload.json": f"deepspeed_config_file={REPO / 'src' / 'zhtrain' / 'configs' / 'ds_zero2_no_offload.json'}",
     }.items():
         assert old in script
         script = script.replace(old, new)

@@ -6,6 +6,7 @@ them with a few kills.
 
 from __future__ import annotations
 
+import logging
 import json
 import math
 import os
@@ -17,10 +18,13 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from zhtrain.args import LoraArguments, ZhtrainTrainingArguments
-from zhtrain.callbacks import MANIFEST, is_complete, last_complete_checkpoint, list_checkpoints, rotate, write_manifest
+from zhtrain.training.args import LoraArguments, ZhtrainTrainingArguments
+from zhtrain.training.checkpoints import MANIFEST, is_complete, last_complete_checkpoint, list_checkpoints, rotate, write_manifest
 from zhtrain.errors import ZhtrainError
-from zhtrain.train import RUN_FILE, SaveAdapterCallback, build_trainer, prepare_output_dir
+from zhtrain.training.resume import RUN_FILE, prepare_output_dir
+from zhtrain.training.checkpoints import SaveAdapterCallback
+from zhtrain.training.checkpoints import take_over_rotation
+from zhtrain.training.trainer import build_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
@@ -103,7 +107,7 @@ def tiny_trainer(tmp_path, tiny_model_dir, sp_tokenizer_dir, text_dir, callbacks
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from zhtrain.data.text import load_text_blocks
-    from zhtrain.model import apply_lora
+    from zhtrain.model.lora import apply_lora
 
     tokenizer = AutoTokenizer.from_pretrained(str(sp_tokenizer_dir))
     train, _, _ = load_text_blocks(str(text_dir), tokenizer, 32, str(tmp_path / "cache"), 0.0, show_progress=False)
@@ -111,7 +115,7 @@ def tiny_trainer(tmp_path, tiny_model_dir, sp_tokenizer_dir, text_dir, callbacks
     torch.manual_seed(0)
     model = apply_lora(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), LoraArguments(), False)
     adapter = SaveAdapterCallback(tokenizer, None, "pt_lora_model")
-    return build_trainer(model, args, train, None, tokenizer, [adapter, *callbacks])
+    return build_trainer(model, args, train, None, tokenizer, [adapter, *callbacks], take_over_rotation(args, logging.getLogger(__name__)))
 
 
 class WatchSaves(TrainerCallback):
@@ -312,7 +316,7 @@ def test_run_report_and_plot(tmp_path, tiny_model_dir, sp_tokenizer_dir, text_di
 
 
 def test_report_without_matplotlib_skips_the_plot(tmp_path, monkeypatch):
-    from zhtrain.report import write_report
+    from zhtrain.training.report import write_report
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     history = [{"step": 1, "loss": 2.0, "learning_rate": 1e-3}, {"step": 1, "eval_loss": 1.5}]

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -129,7 +128,7 @@ def test_rerunning_a_finished_full_finetuning_changes_nothing(tmp_path, tiny_mod
     fine-tuning (here killed while writing its final model) rewrites that model from checkpoint-4."""
     from safetensors.torch import load_file
 
-    from zhtrain.callbacks import list_checkpoints
+    from zhtrain.training.checkpoints import list_checkpoints
 
     write_alpaca(tmp_path / "d" / "a.json", n=6)
     argv = flags(tiny_model_dir, sp_tokenizer_dir, tmp_path / "out", "--dataset_dir", str(tmp_path / "d"), steps=4)

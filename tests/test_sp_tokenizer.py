@@ -9,8 +9,8 @@ import pytest
 
 from zhtrain.data.encoders import AWKWARD_LINES, SentencePieceEncoder, choose_encoder
 from zhtrain.errors import ZhtrainError
-from zhtrain.model import load_tokenizer
-from zhtrain.sp_tokenizer import SentencePieceLlamaTokenizer
+from zhtrain.tokenizer.loading import load_tokenizer
+from zhtrain.tokenizer.sentencepiece_llama import SentencePieceLlamaTokenizer
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LLAMA, CHINESE = REAL / "tokenizers" / "llama-32000.model", REAL / "tokenizers" / "chinese_sp-20000.model"
@@ -74,7 +74,7 @@ def test_data_preparation_takes_raw_sentencepiece(sp_tokenizer_dir):
 @pytest.mark.slow
 def test_chinese_merge_gives_sentencepiece_ids_where_the_fast_conversion_does_not(tmp_path):
     """The reason for the class: on the 49953 merge transformers' fast tokenizer differs from sentencepiece."""
-    from zhtrain.tokenizer import main as tokenizer_main
+    from zhtrain.build_tokenizer import main as tokenizer_main
 
     out = tmp_path / "chinese_llama"
     tokenizer_main(["merge", "--llama_tokenizer_dir", str(LLAMA), "--chinese_sp_model_file", str(CHINESE), "--output_dir", str(out)])

@@ -8,16 +8,9 @@ import numpy as np
 import pytest
 
 from zhtrain.data import text
-from zhtrain.data.text import (
-    build_token_cache,
-    count_blocks,
-    find_text_files,
-    iter_line_batches,
-    load_text_blocks,
-    split_indices,
-)
+from zhtrain.data.text import build_token_cache, count_blocks, find_text_files, iter_line_batches, load_text_blocks, split_indices
 from zhtrain.errors import ZhtrainError
-from zhtrain.model import load_tokenizer
+from zhtrain.tokenizer.loading import load_tokenizer
 
 
 @pytest.fixture(scope="module")

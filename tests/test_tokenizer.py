@@ -13,7 +13,7 @@ import pytest
 from fixtures import CHARS
 
 from zhtrain.errors import ZhtrainError
-from zhtrain.tokenizer import main as tokenizer_main
+from zhtrain.build_tokenizer import main as tokenizer_main
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tokenizers"
 LLAMA, CHINESE = REAL / "llama-32000.model", REAL / "chinese_sp-20000.model"
@@ -320,7 +320,7 @@ def test_inspect_reports_mode_new_rows_sample_and_a_cost_that_peft_agrees_with(s
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from zhtrain.inspect_cmd import main as inspect_main
+    from zhtrain.inspect import main as inspect_main
 
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model_dir)
@@ -351,7 +351,7 @@ def test_inspect_reports_mode_new_rows_sample_and_a_cost_that_peft_agrees_with(s
 def test_inspect_says_why_no_mode_applies(sp_tokenizer_dir, tmp_path, capsys):
     from fixtures import make_tiny_llama
 
-    from zhtrain.inspect_cmd import main as inspect_main
+    from zhtrain.inspect import main as inspect_main
 
     model_dir = make_tiny_llama(tmp_path / "big", vocab_size=500)
     inspect_main(["--model_name_or_path", str(model_dir), "--tokenizer_name_or_path", str(sp_tokenizer_dir)])

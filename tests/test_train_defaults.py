@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from zhtrain.loss import chunk_rows_for, chunked_causal_lm_loss
-from zhtrain.model import share_trained_copies
+from zhtrain.training.loss import chunk_rows_for, chunked_causal_lm_loss
+from zhtrain.model.lora import share_trained_copies
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ def test_pretrain_adapter_and_peft_path_continuation_equal_peft_copies(tmp_path,
     --peft_path continuation of it (PEFT rebuilds the wrappers on load) trains the same too."""
     from safetensors.torch import load_file
 
-    import zhtrain.model
+    import zhtrain.model.lora
     from zhtrain.pretrain import parse_pretrain_args, pretrain
 
     def run(name, steps, *extra):
@@ -176,7 +176,7 @@ def test_pretrain_adapter_and_peft_path_continuation_equal_peft_copies(tmp_path,
 
     shared = run("shared", 4)
     shared_more = run("shared-more", 2, "--peft_path", str(shared[1]))
-    monkeypatch.setattr(zhtrain.model, "share_trained_copies", lambda model: 0)  # PEFT's own two copies
+    monkeypatch.setattr(zhtrain.model.lora, "share_trained_copies", lambda model: 0)  # PEFT's own two copies
     copies = run("copies", 4)
     copies_more = run("copies-more", 2, "--peft_path", str(copies[1]))
     assert (shared[2], shared_more[2], copies[2], copies_more[2]) == (True, True, False, False)
@@ -197,7 +197,7 @@ def test_half_weights_without_mixed_precision_are_warned_about(tiny_model_dir, c
 
     from transformers import AutoModelForCausalLM
 
-    from zhtrain.model import warn_if_pure_half
+    from zhtrain.model.loading import warn_if_pure_half
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float16)
     with caplog.at_level(logging.WARNING, logger="zhtrain"):

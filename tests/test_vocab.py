@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from zhtrain.errors import ZhtrainError
-from zhtrain.vocab import VOCAB_MODES, check_vocab_pair, resize_embeddings, untie_embeddings
+from zhtrain.model.vocab import VOCAB_MODES, check_vocab_pair, resize_embeddings, untie_embeddings
 
 
 @pytest.mark.parametrize("model_vocab, tokenizer_len", list(VOCAB_MODES))

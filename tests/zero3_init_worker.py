@@ -14,7 +14,7 @@ import deepspeed  # noqa: E402
 from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: E402
 from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
 
-from zhtrain.vocab import resize_embeddings, subword_pieces  # noqa: E402
+from zhtrain.model.vocab import resize_embeddings, subword_pieces  # noqa: E402
 
 base_dir, new_dir, model_dir = sys.argv[1:4]
 deepspeed.init_distributed(dist_backend="gloo")

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib.util
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -29,11 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from zhtrain import assets
-from zhtrain.config import CommandParser  # config file first, --print_config, one-line errors
+from zhtrain import files
+from zhtrain.cli import (
+    CommandParser,  # config file first, --print_config, one-line errors
+)
 from zhtrain.errors import ZhtrainError, run_command
+from zhtrain.tokenizer.loading import load_tokenizer
+from zhtrain.weights.hf_folder import open_checkpoint
 
-LLAMA_CPP = assets.Sdist(
+LLAMA_CPP = files.Sdist(
     "llama-cpp-python", "0.3.36", "llama_cpp_python-0.3.36.tar.gz",
     "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
     "llama_cpp_python-0.3.36/vendor/llama.cpp",
@@ -84,7 +88,6 @@ def parse_gguf_args(argv: list[str]) -> GgufOptions:
 
 def export_gguf(opts: GgufOptions) -> Path:
     """The recipe: check the folder -> get the converter -> convert into a temp file -> rename -> check."""
-    from zhtrain.weights import open_checkpoint
 
     start = time.perf_counter()
     open_checkpoint(opts.model_dir, flag="zhtrain export gguf")  # says "run zhtrain merge" for an adapter folder
@@ -96,16 +99,10 @@ def export_gguf(opts: GgufOptions) -> Path:
     converter = opts.converter or ensure_converter()
     if not Path(converter).is_file():
         raise ZhtrainError(f"--converter {converter}: no such file; pass llama.cpp's convert_hf_to_gguf.py")
-    opts.outfile.parent.mkdir(parents=True, exist_ok=True)
-    tmp = opts.outfile.with_name(f".{opts.outfile.name}.tmp-{os.getpid()}")
-    try:
+    with files.write_aside(opts.outfile) as tmp:
         run_converter(Path(converter), opts.model_dir, tmp, opts.outtype)
         if not tmp.is_file() or tmp.stat().st_size == 0:
             raise ZhtrainError(f"llama.cpp's converter reported success but wrote no {tmp}; see its log above")
-        os.replace(tmp, opts.outfile)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     size = opts.outfile.stat().st_size
     print(f"zhtrain export: {opts.outfile} ({size / 2**20:.1f} MiB, {opts.outtype}) in {time.perf_counter() - start:.1f}s", flush=True)
     check_tokenization(opts)
@@ -116,14 +113,14 @@ def export_gguf(opts: GgufOptions) -> Path:
 # The converter: fetched once, run as a subprocess
 
 
-def ensure_converter(downloader: Optional[assets.Downloader] = None) -> Path:
+def ensure_converter(downloader: Optional[files.Downloader] = None) -> Path:
     """llama.cpp's converter from the pinned llama-cpp-python source package, extracted once into the cache."""
-    dest = assets.cache_root() / "tools" / f"llama.cpp-{LLAMA_CPP.version}"
+    dest = files.cache_root() / "tools" / f"llama.cpp-{LLAMA_CPP.version}"
     script = dest / "convert_hf_to_gguf.py"
     if script.is_file():
         return script
-    tarball = assets.fetch_sdist(LLAMA_CPP, downloader)
-    with assets.atomic_path(dest) as tmp:
+    tarball = files.fetch_sdist(LLAMA_CPP, downloader)
+    with files.write_aside(dest) as tmp:
         extract_converter(tarball, tmp)
     return script
 
@@ -185,14 +182,11 @@ def check_tokenization(opts: GgufOptions) -> Optional[dict]:
     built from (tokenizer.model when there is one, else tokenizer.json); say so when the HF tokenizer differs."""
     if opts.check is False:
         return None
-    try:
-        import xllamacpp  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("xllamacpp") is None:
         if opts.check:
-            raise ZhtrainError("--check needs xllamacpp: pip install 'zhtrain[gguf]'") from None
+            raise ZhtrainError("--check needs xllamacpp: pip install 'zhtrain[gguf]'")
         print("zhtrain export: tokenization check skipped (pip install xllamacpp to run it)", flush=True)
         return None
-    from zhtrain.model import load_tokenizer
 
     tokenizer = load_tokenizer(str(opts.model_dir))
     hf = {line: tokenizer(line, add_special_tokens=False).input_ids for line in CHECK_LINES}

@@ -22,8 +22,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from zhtrain.config import CommandParser  # config file first, --print_config, one-line errors
+from zhtrain.cli import (
+    CommandParser,  # config file first, --print_config, one-line errors
+)
+from zhtrain.data.templates import get_template, load_saved_template
 from zhtrain.errors import ZhtrainError, check_distinct, check_output_file, run_command
+from zhtrain.files import write_json_atomic
+from zhtrain.model.vocab import resize_embeddings
+from zhtrain.tokenizer.loading import load_tokenizer
+from zhtrain.weights.adapter_file import load_adapter
+from zhtrain.weights.hf_folder import open_checkpoint
+from zhtrain.weights.merge_plan import make_plan
+from zhtrain.weights.verify import model_with_adapters
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +173,6 @@ def choose_device(opts: GenerateOptions) -> str:
 
 
 def load_generation_tokenizer(opts: GenerateOptions):
-    from zhtrain.model import load_tokenizer
 
     path = opts.tokenizer_path or next((a for a in reversed(opts.lora_model) if _has_tokenizer(a)), opts.base_model)
     return load_tokenizer(path)
@@ -177,7 +186,6 @@ def choose_template(opts: GenerateOptions):
     """--template, else the one saved with the adapter/model by `zhtrain sft`, else the seed's alpaca."""
     if not opts.with_prompt:
         return None, None
-    from zhtrain.data.templates import get_template, load_saved_template
 
     if opts.template:
         return get_template(opts.template), opts.system_prompt
@@ -192,14 +200,9 @@ def load_model(opts: GenerateOptions, tokenizer_len: int, device: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from zhtrain.verify import model_with_adapters
-    from zhtrain.vocab import resize_embeddings
-    from zhtrain.weights import open_checkpoint
 
     checkpoint = open_checkpoint(opts.base_model)  # a clear error for a wrong folder before transformers' own
     if opts.lora_model:  # the merge's shape checks (adapter for another base...): one line, before any weights load
-        from zhtrain.adapters import load_adapter
-        from zhtrain.merge import make_plan
 
         make_plan(checkpoint, [load_adapter(folder) for folder in opts.lora_model])
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -345,9 +348,7 @@ def write_predictions(path: Path, results: Iterable[dict], sampling: dict) -> No
     """The seed's predictions JSON; the sampling settings beside it (not over a model's generation_config.json)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     for target, data in ((path, list(results)), (path.with_name(f"{path.stem}.generation_config.json"), sampling)):
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, target)
+        write_json_atomic(target, data)
     print(f"zhtrain generate: predictions written to {path}", flush=True)
 
 

@@ -23,6 +23,7 @@ import socket
 import sys
 from datetime import timedelta
 
+from zhtrain.cli import COMMANDS
 from zhtrain.errors import ZhtrainError, run_command
 
 DEFAULT_WAIT_S = 60
@@ -30,7 +31,6 @@ DEFAULT_WAIT_S = 60
 
 def split_argv(argv: list[str]) -> tuple[list[str], str, list[str]]:
     """[launcher flags] <command> [command flags] -> (launcher flags, module, command flags)."""
-    from zhtrain.cli import COMMANDS
 
     for i, token in enumerate(argv):
         if token in COMMANDS:  # no torchrun flag takes a zhtrain command name as its value

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import os
 import shutil
 import sys
 import time
@@ -31,18 +30,27 @@ from typing import Iterator, Optional
 
 import torch
 
-from zhtrain import meta_format
-from zhtrain.adapters import Adapter, load_adapter, tokenizer_files, touches_embeddings, wanted_vocab
-from zhtrain.config import CommandParser  # config file first, --print_config, one-line errors
-from zhtrain.errors import ZhtrainError, check_distinct, check_not_an_input, check_writable, run_command
-from zhtrain.train import replace_dir
-from zhtrain.vocab import describe_tokenizer
-from zhtrain.weights import Checkpoint, ShardWriter, iter_shard, open_checkpoint, write_json
+from zhtrain.cli import (
+    CommandParser,  # config file first, --print_config, one-line errors
+)
+from zhtrain.data.templates import TEMPLATE_FILE
+from zhtrain.errors import (
+    ZhtrainError,
+    check_distinct,
+    check_not_an_input,
+    check_writable,
+    run_command,
+)
+from zhtrain.files import write_aside, write_json_atomic
+from zhtrain.weights import meta, verify
+from zhtrain.weights.adapter_file import load_adapter, tokenizer_files
+from zhtrain.weights.hf_folder import ShardWriter, iter_shard, open_checkpoint
+from zhtrain.weights.merge_plan import EMBED, LM_HEAD, MergePlan, make_plan
 
-logger = logging.getLogger("zhtrain.merge")
+logger = logging.getLogger(__name__)
+
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
 @dataclass
@@ -98,8 +106,8 @@ def merge(opts: MergeOptions) -> dict:
     plan = make_plan(checkpoint, adapters)
     config = merged_config(plan, opts.dtype)
     if opts.output_type == "pth":
-        meta_format.check_names(checkpoint.shapes)
-        meta_format.check_config(config, checkpoint.folder)
+        meta.check_names(checkpoint.shapes)
+        meta.check_config(config, checkpoint.folder)
     check_disk_space(plan, opts)
 
     with output_folder(opts.output_dir) as tmp:
@@ -107,14 +115,14 @@ def merge(opts: MergeOptions) -> dict:
         if opts.output_type == "huggingface":
             write_huggingface(plan, tmp, opts.dtype, config, max_bytes)
         else:
-            parts = opts.num_shards or meta_format.default_num_shards(config["hidden_size"])
+            parts = opts.num_shards or meta.default_num_shards(config["hidden_size"])
             write_pth(plan, tmp, opts.dtype, config, parts, max_bytes)
         copy_tokenizer(plan, tmp)
         summary = {"base_model": str(opts.base_model), "lora_model": [str(a.path) for a in adapters],
                    "output_type": opts.output_type, "vocab_size": plan.final_vocab, "tie_word_embeddings": plan.tied_output,
                    "merge_seconds": round(time.perf_counter() - start, 2)}
         summary["verification"] = maybe_verify(plan, opts, tmp, config)
-        write_json(tmp / "zhtrain_merge.json", summary)
+        write_json_atomic(tmp / "zhtrain_merge.json", summary)
     print(f"zhtrain merge: {len(adapters)} adapter(s) merged into {opts.output_dir} ({opts.output_type}, vocab {plan.final_vocab}) "
           f"in {time.perf_counter() - start:.1f}s", flush=True)
     return summary
@@ -124,134 +132,13 @@ def merge(opts: MergeOptions) -> dict:
 def output_folder(dest: Path) -> Iterator[Path]:
     """A temporary folder beside `dest`, renamed to `dest` only when the block succeeds (the old `dest`, if any,
     stays until then); on any failure it is removed, so a half-written model never looks complete."""
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        yield tmp
-        replace_dir(tmp, dest)
+        with write_aside(dest, folder=True) as tmp:
+            yield tmp
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
         if err.errno == errno.ENOSPC:
             raise ZhtrainError(f"--output_dir {dest}: the disk filled up while writing; free space and run again (nothing was left behind)") from err
         raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-# ---------------------------------------------------------------------------------------------
-# Plan: every check before anything is written
-
-
-@dataclass
-class MergePlan:
-    checkpoint: Checkpoint
-    adapters: list[Adapter]
-    vocab_after: list[int]  # vocabulary once each adapter is applied
-    tied_base: bool  # lm_head shares embed_tokens' weights (no lm_head in the files)
-    untie: bool  # an adapter trains embed_tokens or lm_head of a tied base
-
-    @property
-    def final_vocab(self) -> int:
-        return self.vocab_after[-1]
-
-    @property
-    def tied_output(self) -> bool:
-        return self.tied_base and not self.untie
-
-
-def make_plan(checkpoint: Checkpoint, adapters: list[Adapter]) -> MergePlan:
-    if EMBED not in checkpoint.shapes:
-        raise ZhtrainError(f"--base_model {checkpoint.folder}: no {EMBED}; zhtrain merge handles LLaMA-family causal LMs")
-    tied_base = LM_HEAD not in checkpoint.shapes
-    running = checkpoint.shapes[EMBED][0]
-    vocab_after = []
-    for position, adapter in enumerate(adapters):
-        wanted = wanted_vocab(adapter, running)
-        if wanted < running:
-            raise shrink_error(adapters, position, wanted, running, checkpoint)
-        if wanted > running and not touches_embeddings(adapter):
-            logger.warning("%s grows the vocabulary %d -> %d but carries no embed_tokens/lm_head rows: the new rows "
-                           "start at the mean of the existing rows (untrained)", adapter.name, running, wanted)
-        running = wanted
-        for key, edit in adapter.edits.items():
-            check_edit(checkpoint, adapter, key, edit, running, tied_base)
-        vocab_after.append(running)
-    untie = tied_base and any(touches_embeddings(a) for a in adapters)
-    plan = MergePlan(checkpoint, adapters, vocab_after, tied_base, untie)
-    check_output_tokenizer(plan)
-    return plan
-
-
-def check_output_tokenizer(plan: MergePlan) -> None:
-    """A merge that changes the vocabulary must ship a tokenizer of the new size (copy_tokenizer takes the
-    last adapter's that has one): else the folder would pair, say, 49953 rows with LLaMA's 32000 tokens."""
-    if plan.final_vocab == plan.checkpoint.shapes[EMBED][0]:
-        return  # the base's own pairing (a padded vocabulary with more rows than tokens included)
-    source = next((a for a in reversed(plan.adapters) if a.has_tokenizer), None)
-    if source is not None and source.tokenizer_len == plan.final_vocab:
-        return
-    found = f"the tokenizer in {source.name} has {source.tokenizer_len}" if source else "none of the adapter folders holds a tokenizer"
-    raise ZhtrainError(
-        f"the merged model will have {plan.final_vocab} tokens but {found}; put the tokenizer the last adapter was "
-        f"trained with into {plan.adapters[-1].name}"
-    )
-
-
-def shrink_error(adapters: list[Adapter], position: int, wanted: int, running: int, checkpoint: Checkpoint) -> ZhtrainError:
-    adapter = adapters[position]
-    if position == 0:
-        trained_for = adapter.config.get("base_model_name_or_path") or "another base"
-        return ZhtrainError(
-            f"adapter {adapter.name} needs {describe_tokenizer(wanted)} but base {checkpoint.folder} already has {running} "
-            f"embedding rows; zhtrain never shrinks a vocabulary: the adapter was trained for another base ({trained_for})"
-        )
-    previous = adapters[position - 1]
-    order = ",".join(str(a.path) for a in [adapter, previous])
-    return ZhtrainError(
-        f"adapters in this order would shrink the vocabulary: {previous.name} grows it to {running} tokens, then "
-        f"{adapter.name} needs {describe_tokenizer(wanted)}; give them in training order, e.g. --lora_model {order}"
-    )
-
-
-def expected_shape(checkpoint: Checkpoint, key: str, vocab: int, tied_base: bool) -> Optional[tuple[int, ...]]:
-    shape = checkpoint.shapes.get(key)
-    if shape is None and key == LM_HEAD and tied_base:
-        shape = checkpoint.shapes[EMBED]
-    if shape is not None and key in (EMBED, LM_HEAD):
-        shape = (vocab, *shape[1:])
-    return shape
-
-
-def check_edit(checkpoint: Checkpoint, adapter: Adapter, key: str, edit, vocab: int, tied_base: bool) -> None:
-    expected = expected_shape(checkpoint, key, vocab, tied_base)
-    trained_for = adapter.config.get("base_model_name_or_path") or "another base"
-    if expected is None:
-        raise ZhtrainError(
-            f"adapter {adapter.name} changes {key}, which base {checkpoint.folder} does not have: it was trained for "
-            f"another base model ({trained_for}); merge it into that one"
-        )
-    got = [("weights", tuple(edit.replace.shape))] if edit.replace is not None else []
-    got += [("LoRA update", tuple(edit.low_rank.shape))] if edit.low_rank is not None else []
-    got += [("LoRA bias", tuple(edit.bias_update.shape))] if edit.bias_update is not None else []
-    for what, shape in got:
-        if shape == tuple(expected):
-            continue
-        if key in (EMBED, LM_HEAD) and shape[1:] == tuple(expected[1:]):
-            has = f"its folder's tokenizer has {adapter.tokenizer_len} tokens" if adapter.has_tokenizer else f"the model has {expected[0]} rows here"
-            raise ZhtrainError(
-                f"adapter {adapter.name}: {key} {what} are {list(shape)} but {has} ({list(expected)}); the adapter needs "
-                f"{describe_tokenizer(shape[0])}, the one it was trained with: put that tokenizer's files into {adapter.name}"
-            )
-        raise ZhtrainError(
-            f"adapter {adapter.name}: {key} {what} are {list(shape)} but base {checkpoint.folder} has {list(expected)}: "
-            f"the adapter was trained for another base model ({trained_for}); merge it into that one"
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# The merge of one tensor
 
 
 def merged_tensor(plan: MergePlan, key: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -273,7 +160,7 @@ def merged_tensor(plan: MergePlan, key: str, tensor: torch.Tensor) -> torch.Tens
 
 
 def grow_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    """New rows = the mean of the existing rows, exactly as zhtrain.vocab.resize_embeddings does."""
+    """New rows = the mean of the existing rows, exactly as zhtrain.model.vocab.resize_embeddings does."""
     if rows <= weight.shape[0]:
         return weight
     mean = weight.float().mean(dim=0, keepdim=True)
@@ -313,10 +200,6 @@ def shard_size_bytes(text: str) -> int:
     return size
 
 
-# ---------------------------------------------------------------------------------------------
-# Writers
-
-
 def write_huggingface(plan: MergePlan, out: Path, dtype_choice: str, config: dict, max_bytes: int) -> None:
     """Safetensors shards of at most max_bytes, written while the base streams through."""
     writer = ShardWriter(out, max_bytes)
@@ -324,13 +207,13 @@ def write_huggingface(plan: MergePlan, out: Path, dtype_choice: str, config: dic
         writer.add(key, tensor)
     names = writer.finish()
     logger.info("%d shard(s) written", len(names))
-    write_json(out / "config.json", config)
-    write_json(out / "generation_config.json", generation_config(plan, config))
+    write_json_atomic(out / "config.json", config)
+    write_json_atomic(out / "generation_config.json", generation_config(plan, config))
 
 
 def write_pth(plan: MergePlan, out: Path, dtype_choice: str, config: dict, parts: int, max_bytes: int) -> None:
     tensors = merged_tensors(plan, dtype_choice, with_lm_head=plan.tied_base)  # Meta's layout always has output.weight
-    meta_format.write_consolidated(tensors, out, config, parts, max_bytes)
+    meta.write_consolidated(tensors, out, config, parts, max_bytes)
 
 
 def merged_config(plan: MergePlan, dtype_choice: str) -> dict:
@@ -357,7 +240,6 @@ def generation_config(plan: MergePlan, config: dict) -> dict:
 
 def copy_tokenizer(plan: MergePlan, out: Path) -> None:
     """The last adapter's tokenizer (and saved chat template), as the seed's merge does; else the base's."""
-    from zhtrain.data.templates import TEMPLATE_FILE
 
     source = next((a.path for a in reversed(plan.adapters) if a.has_tokenizer), plan.checkpoint.folder)
     for path in tokenizer_files(source):
@@ -365,10 +247,6 @@ def copy_tokenizer(plan: MergePlan, out: Path) -> None:
     template = next((a.path / TEMPLATE_FILE for a in reversed(plan.adapters) if (a.path / TEMPLATE_FILE).is_file()), None)
     if template is not None:
         shutil.copyfile(template, out / TEMPLATE_FILE)
-
-
-# ---------------------------------------------------------------------------------------------
-# Output folder, disk, verification
 
 
 def check_output_dir(opts: MergeOptions) -> None:
@@ -397,7 +275,6 @@ def check_disk_space(plan: MergePlan, opts: MergeOptions) -> None:
 
 
 def maybe_verify(plan: MergePlan, opts: MergeOptions, out: Path, config: dict) -> dict:
-    from zhtrain import verify
 
     fits, why = verify.fits_in_memory(plan.checkpoint.nbytes(torch.float32))
     if opts.verify is False or (opts.verify is None and not fits):

@@ -20,40 +20,55 @@ from typing import Optional
 
 import torch
 
-from zhtrain.args import LoraArguments, ModelArguments, ZhtrainTrainingArguments, parse_args
-from zhtrain.checkpointing import set_checkpointing_kwargs
 from zhtrain.data.text import check_split_fraction, load_text_blocks
-from zhtrain.distributed import data_first
-from zhtrain.errors import ZhtrainError, at_least, run_command
-from zhtrain.model import (
-    apply_lora,
-    check_lora_flags,
+from zhtrain.distributed.engines import data_first
+from zhtrain.errors import ZhtrainError, at_least, check_writable, run_command
+from zhtrain.model.loading import (
     cast_trainable_to_fp32,
     count_parameters,
-    fit_vocabulary,
     load_base_model,
-    load_base_tokenizer,
     load_config,
-    load_tokenizer,
-    sentencepiece_file,
-    train_embeddings_only,
     warn_if_pure_half,
 )
-from zhtrain.report import ThroughputCallback, build_report, summary_line, write_report
-from zhtrain.train import (
-    evaluate_and_log,
-    train_and_log,
-    RunResult,
-    start_run,
-    SaveAdapterCallback,
-    build_trainer,
+from zhtrain.model.lora import apply_lora, check_lora_flags, train_embeddings_only
+from zhtrain.model.vocab import (
+    NEEDS_BASE_TOKENIZER,
+    check_vocab_pair,
+    fit_vocabulary,
+    model_vocab_size,
+)
+from zhtrain.tokenizer.loading import (
+    load_base_tokenizer,
+    load_tokenizer,
+    sentencepiece_file,
+)
+from zhtrain.training.activation_checkpointing import set_checkpointing_kwargs
+from zhtrain.training.args import (
+    LoraArguments,
+    ModelArguments,
+    ZhtrainTrainingArguments,
+    parse_args,
+)
+from zhtrain.training.checkpoints import SaveAdapterCallback, take_over_rotation
+from zhtrain.training.report import (
+    ThroughputCallback,
+    build_report,
+    summary_line,
+    write_report,
+)
+from zhtrain.training.resume import (
     check_output_keeps_inputs,
-    check_writable,
     finish_from_checkpoint,
     finished_checkpoint,
     prepare_output_dir,
 )
-from zhtrain.vocab import NEEDS_BASE_TOKENIZER, check_vocab_pair, model_vocab_size
+from zhtrain.training.setup import start_run
+from zhtrain.training.trainer import (
+    RunResult,
+    build_trainer,
+    evaluate_and_log,
+    train_and_log,
+)
 
 logger = logging.getLogger("zhtrain.pretrain")
 
@@ -127,25 +142,33 @@ def run_identity(model_args, data_args, lora_args, block_size: int) -> dict:
     }
 
 
-def check_training_stage(lora_args, training_args, model_vocab: int, tokenizer_len: int) -> None:
-    """Stage 1 trains embed_tokens and lm_head only; --train_new_rows_only needs rows to train."""
-    if lora_args.training_stage == "lora":
-        if lora_args.train_new_rows_only:
-            raise ZhtrainError("--train_new_rows_only applies to Stage 1: add --training_stage embeddings")
+def check_training_stage(lora_args, model_vocab: int, tokenizer_len: int) -> None:
+    """--train_new_rows_only belongs to Stage 1 and needs new rows to train."""
+    if not lora_args.train_new_rows_only:
         return
-    if lora_args.modules_to_save_list and set(lora_args.modules_to_save_list) != {"embed_tokens", "lm_head"}:
-        logger.warning("--training_stage embeddings trains embed_tokens,lm_head; --modules_to_save %s ignored", lora_args.modules_to_save)
-    lora_args.modules_to_save = "embed_tokens,lm_head"
-    if lora_args.train_new_rows_only:
-        if tokenizer_len <= model_vocab:
-            raise ZhtrainError(
-                f"--train_new_rows_only: the tokenizer ({tokenizer_len} tokens) adds no rows to the model ({model_vocab}); "
-                "pass an extended tokenizer, or drop the flag to train all rows"
-            )
-        if training_args.weight_decay:
-            # AdamW's decoupled decay would shrink the frozen rows even with zero gradients.
-            logger.warning("--train_new_rows_only: --weight_decay %s set to 0 so the model's own rows stay unchanged", training_args.weight_decay)
-            training_args.weight_decay = 0.0
+    if lora_args.training_stage == "lora":
+        raise ZhtrainError("--train_new_rows_only applies to Stage 1: add --training_stage embeddings")
+    if tokenizer_len <= model_vocab:
+        raise ZhtrainError(
+            f"--train_new_rows_only: the tokenizer ({tokenizer_len} tokens) adds no rows to the model ({model_vocab}); "
+            "pass an extended tokenizer, or drop the flag to train all rows"
+        )
+
+
+def apply_overrides(lora_args, training_args) -> Optional[int]:
+    """Every setting `zhtrain pretrain` changes from what the flags say, each logged in one line. Returns
+    the checkpoint rotation limit (see checkpoints.take_over_rotation)."""
+    if lora_args.training_stage == "embeddings":
+        if lora_args.modules_to_save_list and set(lora_args.modules_to_save_list) != {"embed_tokens", "lm_head"}:
+            logger.warning("--modules_to_save %s -> embed_tokens,lm_head: --training_stage embeddings trains those two",
+                           lora_args.modules_to_save)
+        lora_args.modules_to_save = "embed_tokens,lm_head"
+    if lora_args.train_new_rows_only and training_args.weight_decay:
+        # AdamW's decoupled decay would shrink the frozen rows even with zero gradients.
+        logger.warning("--weight_decay %s -> 0: with --train_new_rows_only the model's own rows must stay unchanged",
+                       training_args.weight_decay)
+        training_args.weight_decay = 0.0
+    return take_over_rotation(training_args, logger)
 
 
 def choose_block_size(requested: Optional[int], config) -> int:
@@ -174,7 +197,8 @@ def pretrain(model_args, data_args, lora_args, training_args) -> RunResult:
     purpose = check_vocab_pair(model_vocab_size(config), len(tokenizer), model_args.custom_vocab)
     logger.info("vocabulary: model %d, tokenizer %d -> %s", model_vocab_size(config), len(tokenizer), purpose)
     block_size = choose_block_size(data_args.block_size, config)
-    check_training_stage(lora_args, training_args, model_vocab_size(config), len(tokenizer))
+    check_training_stage(lora_args, model_vocab_size(config), len(tokenizer))
+    rotation_limit = apply_overrides(lora_args, training_args)
     if training_args.do_eval and not data_args.validation_split_percentage and not data_args.preprocess_only:
         raise ZhtrainError("--do_eval needs validation blocks: set --validation_split_percentage above 0")
     check_lora_flags(config, lora_args, model_args.trust_remote_code)
@@ -215,7 +239,7 @@ def pretrain(model_args, data_args, lora_args, training_args) -> RunResult:
     # New rows that are neither trained nor saved must be what merge/generate rebuild: the mean.
     init = model_args.new_token_init if {"embed_tokens", "lm_head"} <= set(lora_args.modules_to_save_list) else "mean"
     base_tokenizer = load_base_tokenizer(model_args, tokenizer) if init in NEEDS_BASE_TOKENIZER and len(tokenizer) > old_rows else None
-    fit_vocabulary(model, tokenizer, model_args.custom_vocab, untie=trains_lm_head, new_token_init=init, base_tokenizer=base_tokenizer)
+    fit_vocabulary(model, tokenizer, untie=trains_lm_head, new_token_init=init, base_tokenizer=base_tokenizer)
     # PEFT's frozen copies of embed_tokens/lm_head are dropped unless an engine shards or flattens the weights.
     model = apply_lora(model, lora_args, training_args.gradient_checkpointing,
                        drop_frozen_copies=not (training_args.deepspeed or training_args.fsdp))
@@ -231,7 +255,8 @@ def pretrain(model_args, data_args, lora_args, training_args) -> RunResult:
     # 4. Train and evaluate through the HF Trainer.
     throughput = ThroughputCallback()
     callbacks = [SaveAdapterCallback(tokenizer, sentencepiece_file(model_args.tokenizer_name_or_path), "pt_lora_model"), throughput]
-    trainer = build_trainer(model, training_args, train_data if training_args.do_train else None, eval_data, tokenizer, callbacks)
+    trainer = build_trainer(model, training_args, train_data if training_args.do_train else None, eval_data, tokenizer, callbacks,
+                            rotation_limit)
     metrics: dict = {"trainable_parameters": trainable, "resumed_from": resume_from}
     if training_args.do_train and finished_checkpoint(resume_from, training_args):
         finish_from_checkpoint(trainer, resume_from, "pt_lora_model", tokenizer, sentencepiece_file(model_args.tokenizer_name_or_path))

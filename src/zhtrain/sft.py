@@ -30,9 +30,6 @@ from typing import Optional
 import torch
 from transformers import TrainerCallback
 
-from zhtrain import fsdp
-from zhtrain.args import LoraArguments, ModelArguments, ZhtrainTrainingArguments, parse_args
-from zhtrain.checkpointing import set_checkpointing_kwargs
 from zhtrain.data.chat import find_data_files, load_conversations
 from zhtrain.data.supervised import (
     LazySupervisedDataset,
@@ -44,27 +41,63 @@ from zhtrain.data.supervised import (
     write_preprocessed,
 )
 from zhtrain.data.templates import get_template, save_template
-from zhtrain.errors import ZhtrainError, at_least, check_distinct, check_output_file, run_command
-from zhtrain.model import (
-    apply_lora, cast_trainable_to_fp32, check_adapter_folder, count_parameters, load_base_model, load_base_tokenizer, load_config, load_tokenizer, sentencepiece_file,
+from zhtrain.distributed import sharded
+from zhtrain.errors import (
+    ZhtrainError,
+    at_least,
+    check_distinct,
+    check_output_file,
+    check_writable,
+    run_command,
+)
+from zhtrain.model.loading import (
+    cast_trainable_to_fp32,
+    count_parameters,
+    load_base_model,
+    load_config,
     warn_if_pure_half,
 )
-from zhtrain.report import ThroughputCallback, build_report, summary_line, write_report
-from zhtrain.train import (
-    evaluate_and_log,
-    train_and_log,
-    RunResult,
-    start_run,
-    SaveAdapterCallback,
-    build_trainer,
+from zhtrain.model.lora import apply_lora
+from zhtrain.model.vocab import (
+    NEEDS_BASE_TOKENIZER,
+    SEED_VOCAB_SIZES,
+    fit_vocabulary,
+    model_vocab_size,
+)
+from zhtrain.tokenizer.loading import (
+    load_base_tokenizer,
+    load_tokenizer,
+    sentencepiece_file,
+)
+from zhtrain.training.activation_checkpointing import set_checkpointing_kwargs
+from zhtrain.training.args import (
+    LoraArguments,
+    ModelArguments,
+    ZhtrainTrainingArguments,
+    parse_args,
+)
+from zhtrain.training.checkpoints import SaveAdapterCallback, take_over_rotation
+from zhtrain.training.report import (
+    ThroughputCallback,
+    build_report,
+    summary_line,
+    write_report,
+)
+from zhtrain.training.resume import (
     check_output_keeps_inputs,
-    check_writable,
     finish_from_checkpoint,
     finished_checkpoint,
     load_finished_full_model,
     prepare_output_dir,
 )
-from zhtrain.vocab import NEEDS_BASE_TOKENIZER, SEED_VOCAB_SIZES, model_vocab_size, resize_embeddings, untie_embeddings
+from zhtrain.training.setup import start_run
+from zhtrain.training.trainer import (
+    RunResult,
+    build_trainer,
+    evaluate_and_log,
+    train_and_log,
+)
+from zhtrain.weights.adapter_file import check_adapter_folder
 
 logger = logging.getLogger("zhtrain.sft")
 
@@ -140,6 +173,9 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
     train_files, eval_files = data_files(data_args)
     if training_args.do_eval and not eval_files and not data_args.preprocess_only:
         raise ZhtrainError("--do_eval needs evaluation data: pass --validation_file or --eval_data_path")
+    check_vocabulary(model_vocab_size(config), len(tokenizer))
+    if lora_args.use_lora and training_args.fsdp:
+        raise ZhtrainError("--fsdp with LoRA: an adapter is small; use DDP or --deepspeed for LoRA SFT, FSDP for full fine-tuning")
     if lora_args.use_lora and lora_args.peft_path:
         check_adapter_folder(lora_args.peft_path, "--peft_path")
     if data_args.preprocessed_output:
@@ -180,33 +216,12 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
             return finish_preprocess_only(data_args, training_args, summaries, train_samples + eval_samples, seconds)
 
     resume_from = prepare_output_dir(training_args, run_identity(model_args, train_files, template.name, max_length, lora_args))
+    rotation_limit = apply_overrides(model_args, lora_args, training_args)
 
-    # 3. Model: load, fit the vocabulary, LoRA or full.
-    if not lora_args.use_lora and model_args.torch_dtype is None:
-        model_args.torch_dtype = "float32"  # full fine-tuning keeps fp32 master weights; --bf16 adds autocast
+    # 3. Model: load, then LoRA over the frozen base or every weight trained.
     model = load_base_model(model_args, config, on_gpu)
-    fully_trained = modules_to_save(lora_args) if lora_args.use_lora else []
-    # New rows must be what merge/generate rebuild when the adapter does not carry them: the mean.
-    saves_new_rows = not lora_args.use_lora or {"embed_tokens", "lm_head"} <= set(fully_trained)
-    init = model_args.new_token_init if saves_new_rows else "mean"
-    grows = len(tokenizer) > model_vocab_size(model.config)
-    base_tokenizer = load_base_tokenizer(model_args, tokenizer) if init in NEEDS_BASE_TOKENIZER and grows else None
-    grew = fit_vocabulary(model, tokenizer, trains_lm_head="lm_head" in fully_trained, init=init, base_tokenizer=base_tokenizer)
-    if grew and lora_args.use_lora and "embed_tokens" not in fully_trained:
-        logger.warning("the new tokens' embedding rows stay untrained under LoRA; add --modules_to_save embed_tokens,lm_head to train them")
-    if lora_args.use_lora:
-        if training_args.fsdp:
-            raise ZhtrainError("--fsdp with LoRA: an adapter is small; use DDP or --deepspeed for LoRA SFT, FSDP for full fine-tuning")
-        model = apply_lora(model, lora_args, training_args.gradient_checkpointing)
-        if (training_args.fp16 or training_args.bf16) and not training_args.deepspeed:
-            cast_trainable_to_fp32(model)
-        logger.info("LoRA SFT (--lora_rank/--peft_path given): the adapter goes to sft_lora_model/")
-    else:
-        logger.info("full fine-tuning (%s): the model goes to %s", "--full_finetuning" if lora_args.full_finetuning else "no --lora_rank/--peft_path", training_args.output_dir)
-        if training_args.fsdp:
-            classes = fsdp.layer_classes(model, (training_args.fsdp_config or {}).get("transformer_layer_cls_to_wrap"))
-            training_args.fsdp_plugin_args["transformer_cls_names_to_wrap"] = ",".join(c.__name__ for c in classes)
-            logger.info("FSDP wraps each %s", "/".join(c.__name__ for c in classes))
+    build_model = build_lora_model if lora_args.use_lora else build_full_model
+    model = build_model(model, tokenizer, model_args, lora_args, training_args)
     set_checkpointing_kwargs(model, training_args)
     warn_if_pure_half(model, training_args)
     trainable, total = count_parameters(model)
@@ -219,27 +234,17 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
         callbacks.insert(0, SaveAdapterCallback(tokenizer, sp_model, "sft_lora_model"))
     throughput = ThroughputCallback()  # the report's tokens/s, from the Trainer's count of non-padding tokens
     callbacks.append(throughput)
-    if training_args.include_num_input_tokens_seen == "no":
-        training_args.include_num_input_tokens_seen = "non_padding"
     collator = PadToLongest(tokenizer.pad_token_id)
     # FastChat's train.py always trains and passes no --do_train: train unless only --do_eval was asked.
     do_train = training_args.do_train or not training_args.do_eval
-    trainer = build_trainer(model, training_args, train_data if do_train else None, eval_data, tokenizer, callbacks, collator)
+    trainer = build_trainer(model, training_args, train_data if do_train else None, eval_data, tokenizer, callbacks, rotation_limit, collator)
     metrics: dict = {"trainable_parameters": trainable, "resumed_from": resume_from, "template": template.name}
     data_summaries = {name: {k: v for k, v in vars(s).items() if k != "reasons"} for name, s in summaries.items()}
     metrics.update({f"{name}_{key}": value for name, summary in data_summaries.items() for key, value in summary.items()})
-    finished = do_train and finished_checkpoint(resume_from, training_args)  # a rerun changes nothing
-    if finished and lora_args.use_lora:
-        finish_from_checkpoint(trainer, resume_from, "sft_lora_model", tokenizer, sp_model)
-    elif do_train:
-        if not (finished and load_finished_full_model(trainer, resume_from)):
-            train_metrics = train_and_log(trainer, training_args, resume_from, len(train_data))
-            metrics.update(train_metrics, world_size=training_args.world_size, engine=type(trainer.model_wrapped).__name__)
-        if not lora_args.use_lora:
-            # A collective: every rank takes part in the gather, rank 0 writes.
-            fsdp.save_full_model(trainer.model_wrapped, tokenizer, training_args.output_dir, sp_model)
-            if training_args.should_save:
-                save_template(training_args.output_dir, template.name, data_args.system_prompt)
+    if do_train:
+        train = train_lora if lora_args.use_lora else train_full
+        metrics.update(train(trainer, training_args, resume_from, len(train_data), tokenizer, sp_model, template.name,
+                             data_args.system_prompt))
     if training_args.do_eval:
         metrics.update(evaluate_and_log(trainer, len(eval_data)))
     if training_args.should_save:  # report.md / report.json / loss.png and the summary line
@@ -322,24 +327,82 @@ def modules_to_save(lora_args) -> list[str]:
     return lora_args.modules_to_save_list
 
 
-def fit_vocabulary(model, tokenizer, trains_lm_head: bool, init: str = "mean", base_tokenizer=None) -> bool:
+def check_vocabulary(model_rows: int, tokenizer_len: int) -> None:
     """SFT keeps the model's vocabulary unless the tokenizer is larger (e.g. base LLaMA + the Alpaca
-    tokenizer and LoRA of the reference's "continue the Alpaca LoRA" path): then it grows. Returns
-    whether it grew."""
-    rows, size = model_vocab_size(model.config), len(tokenizer)
-    grew = size > rows
-    # Untied first, so that an init may give a new token different input and output rows.
-    if trains_lm_head and untie_embeddings(model):
-        logger.info("embed_tokens and lm_head were tied; untied so both can be trained (tie_word_embeddings=false)")
-    if grew:
-        resize_embeddings(model, size, init=init, tokenizer=tokenizer, base_tokenizer=base_tokenizer)
-        logger.warning("model resized from %d to %d tokens to fit the tokenizer (new rows: --new_token_init %s)", rows, size,
-                       init if init not in NEEDS_BASE_TOKENIZER or base_tokenizer is not None else "mean, no base tokenizer")
-    elif size < rows and rows in SEED_VOCAB_SIZES:
+    tokenizer and LoRA of the reference's "continue the Alpaca LoRA" path): then it grows. A smaller
+    tokenizer is fine for a padded embedding matrix, not for one of the seed's sizes."""
+    if tokenizer_len < model_rows and model_rows in SEED_VOCAB_SIZES:
         raise ZhtrainError(
-            f"tokenizer has {size} tokens but the model has {rows} rows: this is not the model's tokenizer; pass the tokenizer the model was trained with"
+            f"tokenizer has {tokenizer_len} tokens but the model has {model_rows} rows: this is not the model's tokenizer; "
+            "pass the tokenizer the model was trained with"
         )
-    return grew
+
+
+def apply_overrides(model_args, lora_args, training_args) -> Optional[int]:
+    """Every setting `zhtrain sft` changes from what the flags say, each logged in one line. Returns the
+    checkpoint rotation limit (see checkpoints.take_over_rotation)."""
+    if not lora_args.use_lora and model_args.torch_dtype is None:
+        logger.info("full fine-tuning loads float32 weights (--torch_dtype not given): fp32 master weights, --bf16/--fp16 "
+                    "add autocast")
+        model_args.torch_dtype = "float32"
+    if training_args.include_num_input_tokens_seen == "no":
+        logger.info("--include_num_input_tokens_seen no -> non_padding: the report's tokens/s counts the non-padding tokens")
+        training_args.include_num_input_tokens_seen = "non_padding"
+    return take_over_rotation(training_args, logger)
+
+
+def build_lora_model(model, tokenizer, model_args, lora_args, training_args):
+    """LoRA SFT: a new adapter (or --peft_path continued) over the frozen base; written to sft_lora_model/."""
+    fully_trained = modules_to_save(lora_args)
+    # New rows must be what merge/generate rebuild when the adapter does not carry them: the mean.
+    init = model_args.new_token_init if {"embed_tokens", "lm_head"} <= set(fully_trained) else "mean"
+    grows = len(tokenizer) > model_vocab_size(model.config)
+    base_tokenizer = load_base_tokenizer(model_args, tokenizer) if init in NEEDS_BASE_TOKENIZER and grows else None
+    grew = fit_vocabulary(model, tokenizer, untie="lm_head" in fully_trained, new_token_init=init, base_tokenizer=base_tokenizer)
+    if grew and "embed_tokens" not in fully_trained:
+        logger.warning("the new tokens' embedding rows stay untrained under LoRA; add --modules_to_save embed_tokens,lm_head to train them")
+    model = apply_lora(model, lora_args, training_args.gradient_checkpointing)
+    if (training_args.fp16 or training_args.bf16) and not training_args.deepspeed:
+        cast_trainable_to_fp32(model)
+    logger.info("LoRA SFT (--lora_rank/--peft_path given): the adapter goes to sft_lora_model/")
+    return model
+
+
+def build_full_model(model, tokenizer, model_args, lora_args, training_args):
+    """Full fine-tuning (FastChat): every weight trained, FSDP units = the decoder layers; written as a model folder."""
+    grows = len(tokenizer) > model_vocab_size(model.config)
+    init = model_args.new_token_init
+    base_tokenizer = load_base_tokenizer(model_args, tokenizer) if init in NEEDS_BASE_TOKENIZER and grows else None
+    fit_vocabulary(model, tokenizer, untie=False, new_token_init=init, base_tokenizer=base_tokenizer)
+    logger.info("full fine-tuning (%s): the model goes to %s",
+                "--full_finetuning" if lora_args.full_finetuning else "no --lora_rank/--peft_path", training_args.output_dir)
+    if training_args.fsdp:
+        classes = sharded.layer_classes(model, (training_args.fsdp_config or {}).get("transformer_layer_cls_to_wrap"))
+        training_args.fsdp_plugin_args["transformer_cls_names_to_wrap"] = ",".join(c.__name__ for c in classes)
+        logger.info("FSDP wraps each %s", "/".join(c.__name__ for c in classes))
+    return model
+
+
+def train_lora(trainer, training_args, resume_from, samples: int, tokenizer, sp_model, template: str, system) -> dict:
+    """Train the adapter (SaveAdapterCallback writes sft_lora_model/); a finished run changes nothing."""
+    if finished_checkpoint(resume_from, training_args):
+        finish_from_checkpoint(trainer, resume_from, "sft_lora_model", tokenizer, sp_model)
+        return {}
+    metrics = train_and_log(trainer, training_args, resume_from, samples)
+    return dict(metrics, world_size=training_args.world_size, engine=type(trainer.model_wrapped).__name__)
+
+
+def train_full(trainer, training_args, resume_from, samples: int, tokenizer, sp_model, template: str, system) -> dict:
+    """Train every weight, then gather and write the model folder with its template."""
+    metrics = {}
+    if not (finished_checkpoint(resume_from, training_args) and load_finished_full_model(trainer, resume_from)):
+        metrics = train_and_log(trainer, training_args, resume_from, samples)
+        metrics = dict(metrics, world_size=training_args.world_size, engine=type(trainer.model_wrapped).__name__)
+    # A collective: every rank takes part in the gather, rank 0 writes.
+    sharded.save_full_model(trainer.model_wrapped, tokenizer, training_args.output_dir, sp_model)
+    if training_args.should_save:
+        save_template(training_args.output_dir, template, system)
+    return metrics
 
 
 class SaveTemplateCallback(TrainerCallback):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -29,6 +28,7 @@ from torch.utils.data import Dataset
 from zhtrain.data.chat import Conversation
 from zhtrain.data.templates import Template, encode_segments_batch
 from zhtrain.errors import ZhtrainError
+from zhtrain.files import write_aside
 
 logger = logging.getLogger(__name__)
 
@@ -146,13 +146,10 @@ def summarize(samples: list[EncodedSample], name: str, max_length: int, flag: st
 def write_preprocessed(samples: list[EncodedSample], path: Path) -> Path:
     """One JSON line per sample: {"id", "input_ids", "labels", "dropped", "truncated"}; written atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as out:
+    with write_aside(path) as tmp, tmp.open("w", encoding="utf-8") as out:
         for s in samples:
             record = {"id": s.id, "input_ids": s.input_ids, "labels": s.labels, "dropped": s.dropped, "truncated": s.truncated}
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return path
 
 

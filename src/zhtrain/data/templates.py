@@ -44,12 +44,12 @@ uses it: `load_saved_template(folder)`.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
 from zhtrain.errors import ZhtrainError
+from zhtrain.files import write_json_atomic
 
 BOS, EOS = "bos", "eos"
 TEMPLATE_FILE = "zhtrain_template.json"
@@ -364,10 +364,7 @@ def save_template(folder: Union[str, Path], name: str, system: Optional[str] = N
     """Write `zhtrain_template.json` ({"template", "system"}) into `folder` (atomically)."""
     template = get_template(name)
     path = Path(folder) / TEMPLATE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"template": template.name, "system": system}, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, {"template": template.name, "system": system})
     return path
 
 

@@ -29,8 +29,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from zhtrain.data.encoders import DocumentEncoder, Encoder, choose_encoder, cpu_count, hf_encoder  # noqa: F401
+from zhtrain.data.encoders import (
+    DocumentEncoder,
+    Encoder,
+    choose_encoder,
+    cpu_count,
+    hf_encoder,
+)
 from zhtrain.errors import ZhtrainError
+from zhtrain.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -237,6 +244,7 @@ def encode_file_to(
     and its task pipe blocks when full, so memory stays a few blocks per worker whatever the file size.
     """
     digest = content_hash()
+    # Not files.write_aside: the final name is the content's digest, known only once all is written.
     tmp_path = out_dir / f"{path.name}.tokens.tmp-{os.getpid()}"
     n_tokens = n_lines = 0
     pool = None
@@ -346,7 +354,7 @@ def build_token_cache(
                     doc_encoder = DocumentEncoder(encode, tokenizer.bos_token_id, tokenizer.eos_token_id, dtype)
                 tokens_path, n_tokens, n_lines = encode_file_to(path, cache_dir, tokens_path_for, doc_encoder, workers, progress)
                 entry = CachedFile(path, tokens_path, n_tokens, n_lines, dtype.name, False)
-                _write_json_atomic(
+                write_json_atomic(
                     tokens_path.with_suffix(".json"),
                     {"source": str(path), "n_tokens": n_tokens, "n_lines": n_lines, "dtype": dtype.name,
                      "tokenizer": fingerprint, "format_version": FORMAT_VERSION},
@@ -389,10 +397,6 @@ def _read_meta(path: Path) -> Optional[dict]:
     return meta
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
 from zhtrain.errors import ZhtrainError, check_not_an_input, check_writable
+from zhtrain.files import write_aside
 
 RECORD_FILE = "zhtrain_tokenizer.json"  # what was built from what, and the measured figures
 
@@ -37,18 +36,9 @@ def new_output_dir(output_dir: Optional[str], overwrite: bool, inputs=()) -> Ite
     An existing non-empty `output_dir` is refused unless `overwrite`; even then the old folder
     stays untouched until the new one is finished.
     """
-    from zhtrain.train import replace_dir
-
     dest = check_output_dir(output_dir, overwrite, inputs)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with write_aside(dest, folder=True) as tmp:
         yield tmp
-        replace_dir(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_record(folder: Path, record: dict) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from zhtrain.errors import ZhtrainError
+from zhtrain.tokenizer.folder import load_hf_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,6 @@ def write_hf_folder(proto, folder: Path, add_pad_token: bool) -> int:
     transformers converts tokenizer.model to a fast tokenizer; saving writes tokenizer.json, so later
     loads are instant. `save_pretrained` does not write tokenizer.model: it is written first and kept.
     """
-    from zhtrain.tokenizer.folder import load_hf_tokenizer
 
     (folder / "tokenizer.model").write_bytes(proto.SerializeToString())
     config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, **special_pieces(proto)}

@@ -1,0 +1,3 @@
+"""The weights stage: Hugging Face folders shard by shard, Meta .pth, adapter files, the merge plan,
+verification against PEFT.
+"""
