@@ -47,8 +47,18 @@ LABELS = {
     "fsdp_single": "FSDP loop, 1 proc, 1 thr",
     "fsdp": "FSDP (fully_shard)",
 }
-LORA = ["--trainable", "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj", "--modules_to_save", "embed_tokens,lm_head",
-        "--lora_rank", "8", "--lora_alpha", "32", "--lora_dropout", "0"]
+LORA = [
+    "--trainable",
+    "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj",
+    "--modules_to_save",
+    "embed_tokens,lm_head",
+    "--lora_rank",
+    "8",
+    "--lora_alpha",
+    "32",
+    "--lora_dropout",
+    "0",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,14 +82,14 @@ def worker(argv: list[str]) -> None:
     import torch.distributed as dist
     from transformers import default_data_collator, set_seed
 
-    from zhtrain.distributed import sharded
-    from zhtrain.training.args import LoraArguments, ModelArguments
     from zhtrain.data.text import load_text_blocks
+    from zhtrain.distributed import sharded
     from zhtrain.distributed.sharded import full_trainable_state
+    from zhtrain.model.loading import load_base_model, load_config
     from zhtrain.model.lora import apply_lora
     from zhtrain.model.vocab import fit_vocabulary
-    from zhtrain.model.loading import load_base_model, load_config
     from zhtrain.tokenizer.loading import load_tokenizer, sentencepiece_file
+    from zhtrain.training.args import LoraArguments, ModelArguments
     from zhtrain.training.checkpoints import save_adapter
     from zhtrain.training.setup import set_cpu_threads
 
@@ -92,11 +102,15 @@ def worker(argv: list[str]) -> None:
     out = Path(args.out)
 
     model_args = ModelArguments(model_name_or_path=args.model, tokenizer_name_or_path=args.tokenizer)
-    lora_args = LoraArguments(trainable=LORA[1], lora_rank=8, lora_alpha=32.0, lora_dropout=0.0, modules_to_save=LORA[3])
+    lora_args = LoraArguments(
+        trainable=LORA[1], lora_rank=8, lora_alpha=32.0, lora_dropout=0.0, modules_to_save=LORA[3]
+    )
     tokenizer = load_tokenizer(args.tokenizer)
     for turn in range(2 if world > 1 else 1):  # rank 0 tokenizes first, the others read its cache
         if (rank == 0) == (turn == 0):
-            train_data, _, _ = load_text_blocks(args.data, tokenizer, args.block_size, args.cache, 0.05, show_progress=False)
+            train_data, _, _ = load_text_blocks(
+                args.data, tokenizer, args.block_size, args.cache, 0.05, show_progress=False
+            )
         if world > 1:
             dist.barrier()
     model = load_base_model(model_args, load_config(model_args), on_gpu=False)
@@ -141,8 +155,12 @@ def worker(argv: list[str]) -> None:
         save_adapter(model, tokenizer, sentencepiece_file(args.tokenizer), out / "pt_lora_model", state)
         torch.save({"input_ids": train_data[0]["input_ids"], "logits": probe}, out / "probe_logits.pt")
         result = {
-            "world_size": world, "wrapper": type(model).__name__, "fsdp_units": units, "threads": threads,
-            "losses": losses, "seconds": seconds,
+            "world_size": world,
+            "wrapper": type(model).__name__,
+            "fsdp_units": units,
+            "threads": threads,
+            "losses": losses,
+            "seconds": seconds,
             "tokens_per_second": args.steps * global_batch * args.block_size / seconds,
         }
         (out / "fsdp_result.json").write_text(json.dumps(result, indent=1))
@@ -162,12 +180,19 @@ def make_assets(root: Path, hidden: int, layers: int) -> tuple[Path, Path, Path]
     tokenizer = make_sp_tokenizer(root / "tokenizer")
     model = root / "model"
     make_tiny_llama(model, vocab_size=400, max_positions=1024)
-    from transformers import LlamaConfig, LlamaForCausalLM
     import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig.from_pretrained(model)
-    config.update(dict(hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
-                       num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64)))
+    config.update(
+        dict(
+            hidden_size=hidden,
+            intermediate_size=hidden * 8 // 3,
+            num_hidden_layers=layers,
+            num_attention_heads=max(1, hidden // 64),
+            num_key_value_heads=max(1, hidden // 64),
+        )
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(model)
     data = root / "data"
@@ -194,21 +219,85 @@ def measure(mode: str, args, model: Path, tokenizer: Path, data: Path, root: Pat
     threads = 1 if mode in ("single_1t", "fsdp_single") else None  # else zhtrain's default: cores / local processes
     # One process runs as users run it, without torchrun (under torchrun the Trainer would wrap a
     # 1-process DDP around it on CPU).
-    launcher = [sys.executable] if procs == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(29400 + MODES.index(mode))]
+    launcher = (
+        [sys.executable]
+        if procs == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(procs),
+            "--master_port",
+            str(29400 + MODES.index(mode)),
+        ]
+    )
     if mode.startswith("fsdp"):
-        cmd = launcher + [__file__, "--worker", "--model", str(model), "--tokenizer", str(tokenizer), "--data", str(data),
-                          "--cache", str(root / "cache"), "--out", str(out), "--steps", str(args.steps),
-                          "--block_size", str(args.block_size), "--batch", str(batch)]
+        cmd = launcher + [
+            __file__,
+            "--worker",
+            "--model",
+            str(model),
+            "--tokenizer",
+            str(tokenizer),
+            "--data",
+            str(data),
+            "--cache",
+            str(root / "cache"),
+            "--out",
+            str(out),
+            "--steps",
+            str(args.steps),
+            "--block_size",
+            str(args.block_size),
+            "--batch",
+            str(batch),
+        ]
         run(cmd, root / f"{mode}.log", threads)
         result = json.loads((out / "fsdp_result.json").read_text())
-        return {"tokens_per_second": result["tokens_per_second"], "loss": result["losses"][-1], "engine": result["wrapper"], "world": result["world_size"]}
-    cmd = launcher + ["-m", "zhtrain.pretrain", "--model_name_or_path", str(model), "--tokenizer_name_or_path", str(tokenizer),
-                      "--dataset_dir", str(data), "--data_cache_dir", str(root / "cache"), "--output_dir", str(out),
-                      "--block_size", str(args.block_size), "--per_device_train_batch_size", str(batch),
-                      "--max_steps", str(args.steps), "--learning_rate", "1e-3", "--do_train", "--seed", "7",
-                      "--report_to", "none", "--logging_steps", "1", "--save_steps", "100000", "--disable_tqdm", "True",
-                      "--validation_split_percentage", "0.05", "--overwrite_output_dir", *LORA]
+        return {
+            "tokens_per_second": result["tokens_per_second"],
+            "loss": result["losses"][-1],
+            "engine": result["wrapper"],
+            "world": result["world_size"],
+        }
+    cmd = launcher + [
+        "-m",
+        "zhtrain.pretrain",
+        "--model_name_or_path",
+        str(model),
+        "--tokenizer_name_or_path",
+        str(tokenizer),
+        "--dataset_dir",
+        str(data),
+        "--data_cache_dir",
+        str(root / "cache"),
+        "--output_dir",
+        str(out),
+        "--block_size",
+        str(args.block_size),
+        "--per_device_train_batch_size",
+        str(batch),
+        "--max_steps",
+        str(args.steps),
+        "--learning_rate",
+        "1e-3",
+        "--do_train",
+        "--seed",
+        "7",
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        "100000",
+        "--disable_tqdm",
+        "True",
+        "--validation_split_percentage",
+        "0.05",
+        "--overwrite_output_dir",
+        *LORA,
+    ]
     if mode in ("zero2", "zero3"):
         config = "ds_zero2_no_offload.json" if mode == "zero2" else "ds_zero3.json"
         cmd += ["--deepspeed", str(REPO / "configs" / config)]
@@ -216,8 +305,20 @@ def measure(mode: str, args, model: Path, tokenizer: Path, data: Path, root: Pat
     report = json.loads((out / "report.json").read_text())
     state = json.loads((out / "trainer_state.json").read_text())
     losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
-    engine = next((line.split("engine ")[1].split(",")[0] for line in (root / f"{mode}.log").read_text().splitlines() if "trained with engine" in line), "?")
-    return {"tokens_per_second": report["training"]["tokens_per_second"], "loss": losses[-1], "engine": engine, "world": procs}
+    engine = next(
+        (
+            line.split("engine ")[1].split(",")[0]
+            for line in (root / f"{mode}.log").read_text().splitlines()
+            if "trained with engine" in line
+        ),
+        "?",
+    )
+    return {
+        "tokens_per_second": report["training"]["tokens_per_second"],
+        "loss": losses[-1],
+        "engine": engine,
+        "world": procs,
+    }
 
 
 def main(argv=None) -> None:
@@ -244,8 +345,11 @@ def main(argv=None) -> None:
         root = Path(tmp)
         model, tokenizer, data = make_assets(root, args.hidden, args.layers)
         tokens_per_step = args.batch * args.procs * args.block_size
-        print(f"# LoRA pre-training, hidden {args.hidden}, {args.layers} layers, block {args.block_size}, global batch "
-              f"{args.batch * args.procs} ({tokens_per_step} tokens/step), {args.steps} steps, {os.cpu_count()} CPU cores", flush=True)
+        print(
+            f"# LoRA pre-training, hidden {args.hidden}, {args.layers} layers, block {args.block_size}, global batch "
+            f"{args.batch * args.procs} ({tokens_per_step} tokens/step), {args.steps} steps, {os.cpu_count()} CPU cores",
+            flush=True,
+        )
         results = {}
         for mode in modes:
             started = time.perf_counter()
@@ -257,9 +361,13 @@ def main(argv=None) -> None:
     for mode, r in results.items():
         base = results.get("fsdp_single" if mode.startswith("fsdp") else "single_1t")
         ratio = f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}x" if base else "-"
-        print(f"{LABELS[mode]:<26} {r['world']:>5} {r['engine']:<26} {r['tokens_per_second']:>9.0f} {ratio:>9} {r['loss']:>9.4f} {r['wall_seconds']:>7}")
-    print("(ratios: FSDP against the same loop in one process, the others against `zhtrain pretrain` in one process,\n"
-          " both with 1 thread; the default-thread row shows what OpenMP does when other work shares the cores)")
+        print(
+            f"{LABELS[mode]:<26} {r['world']:>5} {r['engine']:<26} {r['tokens_per_second']:>9.0f} {ratio:>9} {r['loss']:>9.4f} {r['wall_seconds']:>7}"
+        )
+    print(
+        "(ratios: FSDP against the same loop in one process, the others against `zhtrain pretrain` in one process,\n"
+        " both with 1 thread; the default-thread row shows what OpenMP does when other work shares the cores)"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
 

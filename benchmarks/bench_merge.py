@@ -36,17 +36,25 @@ import torch, transformers, peft, safetensors, zhtrain.merge  # the baseline: th
 def peak():  # VmHWM: this process's own high-water mark (ru_maxrss would include the parent's at fork)
     return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 """
-BASELINE = CHILD_PREAMBLE + """
+BASELINE = (
+    CHILD_PREAMBLE
+    + """
 print(json.dumps({"seconds": 0.0, "peak": peak()}))
 """
-ZHTRAIN = CHILD_PREAMBLE + """
+)
+ZHTRAIN = (
+    CHILD_PREAMBLE
+    + """
 from zhtrain.merge import merge, parse_merge_args
 start = time.perf_counter()
 merge(parse_merge_args(["--base_model", sys.argv[1], "--lora_model", sys.argv[2], "--output_dir", sys.argv[3], "--no-verify",
                         "--max_shard_size", sys.argv[4]]))
 print(json.dumps({"seconds": time.perf_counter() - start, "peak": peak()}))
 """
-PEFT_MERGE = CHILD_PREAMBLE + """
+)
+PEFT_MERGE = (
+    CHILD_PREAMBLE
+    + """
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 start = time.perf_counter()
@@ -55,6 +63,7 @@ model = PeftModel.from_pretrained(model, sys.argv[2]).merge_and_unload()
 model.save_pretrained(sys.argv[3])
 print(json.dumps({"seconds": time.perf_counter() - start, "peak": peak()}))
 """
+)
 
 
 def make_model(folder: Path, layers: int, hidden: int, vocab: int, shards: list[int]) -> dict[int, Path]:
@@ -62,8 +71,15 @@ def make_model(folder: Path, layers: int, hidden: int, vocab: int, shards: list[
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.75), num_hidden_layers=layers,
-                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.75),
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     total = sum(p.numel() * 4 for p in model.parameters())
@@ -84,7 +100,9 @@ def make_adapter(base: Path, folder: Path) -> Path:
 
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     targets = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
-    peft_model = get_peft_model(model, LoraConfig(target_modules=targets, r=8, lora_alpha=32, modules_to_save=["embed_tokens", "lm_head"]))
+    peft_model = get_peft_model(
+        model, LoraConfig(target_modules=targets, r=8, lora_alpha=32, modules_to_save=["embed_tokens", "lm_head"])
+    )
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
@@ -112,18 +130,25 @@ def dir_size(path: Path, pattern: str = "*.safetensors") -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, nargs="+", default=[4, 10], help="Model sizes, as numbers of layers (hidden 1024).")
+    parser.add_argument(
+        "--layers", type=int, nargs="+", default=[4, 10], help="Model sizes, as numbers of layers (hidden 1024)."
+    )
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=16000)
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--small_shard", default="100MB", help="The extra run's --max_shard_size (default: %(default)s).")
+    parser.add_argument(
+        "--small_shard", default="100MB", help="The extra run's --max_shard_size (default: %(default)s)."
+    )
     parser.add_argument("--workdir", default=None, help="Where models go (default: a temporary folder, removed).")
     parser.add_argument("--json", default=None, help="Also write the rows here.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.workdir) as scratch:
         root = Path(scratch)
         baseline = run_child(BASELINE)["peak"]
-        print(f"baseline (python + torch + transformers + peft + zhtrain.merge imported): peak RSS {baseline / MB:.0f} MiB", flush=True)
+        print(
+            f"baseline (python + torch + transformers + peft + zhtrain.merge imported): peak RSS {baseline / MB:.0f} MiB",
+            flush=True,
+        )
         rows = []
         for layers in args.layers:
             models = make_model(root / f"L{layers}", layers, args.hidden, args.vocab, args.shards)
@@ -137,11 +162,32 @@ def main() -> None:
                 print_row(rows[-1])
             base = models[min(models)]
             measured = run_child(ZHTRAIN, base, adapter, root / f"L{layers}" / "merged_small", args.small_shard)
-            rows.append(row("zhtrain merge", layers, base, min(models), adapter_mb, measured, baseline, shard_size_bytes(args.small_shard)))
+            rows.append(
+                row(
+                    "zhtrain merge",
+                    layers,
+                    base,
+                    min(models),
+                    adapter_mb,
+                    measured,
+                    baseline,
+                    shard_size_bytes(args.small_shard),
+                )
+            )
             print_row(rows[-1])
             out = root / f"L{layers}" / "merged_peft"
             measured = run_child(PEFT_MERGE, models[min(models)], adapter, out)
-            rows.append(row("seed recipe: PEFT merge_and_unload", layers, models[min(models)], min(models), adapter_mb, measured, baseline))
+            rows.append(
+                row(
+                    "seed recipe: PEFT merge_and_unload",
+                    layers,
+                    models[min(models)],
+                    min(models),
+                    adapter_mb,
+                    measured,
+                    baseline,
+                )
+            )
             print_row(rows[-1])
     print_table(rows)
     if args.json:
@@ -150,27 +196,50 @@ def main() -> None:
 
 def row(method, layers, base: Path, shards, adapter_mb, measured, baseline, out_shard=None) -> dict:
     shard_sizes = [p.stat().st_size for p in base.glob("*.safetensors")]
-    return {"method": method, "layers": layers, "model_mb": sum(shard_sizes) / MB, "shards": shards,
-            "max_shard_size_mb": out_shard / MB if out_shard else None,
-            "largest_shard_mb": max(shard_sizes) / MB, "adapter_mb": adapter_mb, "peak_rss_mb": measured["peak"] / MB,
-            "above_baseline_mb": (measured["peak"] - baseline) / MB, "seconds": measured["seconds"]}
+    return {
+        "method": method,
+        "layers": layers,
+        "model_mb": sum(shard_sizes) / MB,
+        "shards": shards,
+        "max_shard_size_mb": out_shard / MB if out_shard else None,
+        "largest_shard_mb": max(shard_sizes) / MB,
+        "adapter_mb": adapter_mb,
+        "peak_rss_mb": measured["peak"] / MB,
+        "above_baseline_mb": (measured["peak"] - baseline) / MB,
+        "seconds": measured["seconds"],
+    }
 
 
 def print_row(r: dict) -> None:
-    print(f"  {r['method']}: {r['model_mb']:.0f} MiB model in {r['shards']} shard(s), output shards <= "
-          f"{r['max_shard_size_mb'] or 0:.0f} MiB: peak RSS {r['peak_rss_mb']:.0f} MiB "
-          f"({r['above_baseline_mb']:.0f} above baseline), {r['seconds']:.1f}s", flush=True)
+    print(
+        f"  {r['method']}: {r['model_mb']:.0f} MiB model in {r['shards']} shard(s), output shards <= "
+        f"{r['max_shard_size_mb'] or 0:.0f} MiB: peak RSS {r['peak_rss_mb']:.0f} MiB "
+        f"({r['above_baseline_mb']:.0f} above baseline), {r['seconds']:.1f}s",
+        flush=True,
+    )
 
 
 def print_table(rows: list[dict]) -> None:
-    header = ("method", "model MiB", "base shards", "largest base shard MiB", "--max_shard_size MiB", "adapter MiB", "peak RSS MiB",
-              "above baseline MiB", "above baseline / model", "time s")
+    header = (
+        "method",
+        "model MiB",
+        "base shards",
+        "largest base shard MiB",
+        "--max_shard_size MiB",
+        "adapter MiB",
+        "peak RSS MiB",
+        "above baseline MiB",
+        "above baseline / model",
+        "time s",
+    )
     print("\n| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
         out_shard = f"{r['max_shard_size_mb']:.0f}" if r["max_shard_size_mb"] else "-"
-        print(f"| {r['method']} | {r['model_mb']:.0f} | {r['shards']} | {r['largest_shard_mb']:.0f} | {out_shard} | {r['adapter_mb']:.0f} | "
-              f"{r['peak_rss_mb']:.0f} | {r['above_baseline_mb']:.0f} | {r['above_baseline_mb'] / r['model_mb']:.2f} | {r['seconds']:.1f} |")
+        print(
+            f"| {r['method']} | {r['model_mb']:.0f} | {r['shards']} | {r['largest_shard_mb']:.0f} | {out_shard} | {r['adapter_mb']:.0f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['above_baseline_mb']:.0f} | {r['above_baseline_mb'] / r['model_mb']:.2f} | {r['seconds']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -38,11 +38,19 @@ TUNING_LINES = 16
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--new_tokens", type=int, default=3000, help="tokens to learn (default: %(default)s)")
-    parser.add_argument("--train_lines", type=int, default=2000, help="corpus lines to learn tokens and train on (default: %(default)s)")
-    parser.add_argument("--eval_lines", type=int, default=64,
-                        help="held-out lines from the end of the corpus, before its last 16 (default: %(default)s)")
+    parser.add_argument(
+        "--train_lines", type=int, default=2000, help="corpus lines to learn tokens and train on (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--eval_lines",
+        type=int,
+        default=64,
+        help="held-out lines from the end of the corpus, before its last 16 (default: %(default)s)",
+    )
     parser.add_argument("--steps", type=int, default=10, help="Stage-1 steps per init (default: %(default)s)")
-    parser.add_argument("--learning_rate", type=float, default=1e-3, help="Stage-1 learning rate, constant (default: %(default)s)")
+    parser.add_argument(
+        "--learning_rate", type=float, default=1e-3, help="Stage-1 learning rate, constant (default: %(default)s)"
+    )
     parser.add_argument("--block_size", type=int, default=256)
     parser.add_argument("--json", type=Path, default=OUT / "results.json", help="where to write the figures")
     return parser.parse_args()
@@ -51,8 +59,8 @@ def parse() -> argparse.Namespace:
 def main() -> None:
     import torch
 
-    from zhtrain.demo import assets
     from zhtrain.build_tokenizer import main as tokenizer_main
+    from zhtrain.demo import assets
 
     args = parse()
     torch.manual_seed(0)
@@ -67,12 +75,27 @@ def main() -> None:
     (data_dir / "train.txt").write_text("\n".join(train) + "\n", encoding="utf-8")
 
     extended_dir = OUT / "tokenizer"
-    tokenizer_main(["extend", "--tokenizer_name_or_path", str(model_dir), "--corpus", str(data_dir / "train.txt"),
-                    "--num_new_tokens", str(args.new_tokens), "--output_dir", str(extended_dir), "--overwrite"])
+    tokenizer_main(
+        [
+            "extend",
+            "--tokenizer_name_or_path",
+            str(model_dir),
+            "--corpus",
+            str(data_dir / "train.txt"),
+            "--num_new_tokens",
+            str(args.new_tokens),
+            "--output_dir",
+            str(extended_dir),
+            "--overwrite",
+        ]
+    )
     base_tok, ext_tok = load_tokenizer(model_dir), load_tokenizer(extended_dir)
     chars = sum(map(len, held_out))
-    print(f"held-out text: {len(held_out)} lines, {chars:,} characters; tokens per character "
-          f"{count_tokens(base_tok, held_out) / chars:.3f} (SmolLM2) -> {count_tokens(ext_tok, held_out) / chars:.3f} (extended)", flush=True)
+    print(
+        f"held-out text: {len(held_out)} lines, {chars:,} characters; tokens per character "
+        f"{count_tokens(base_tok, held_out) / chars:.3f} (SmolLM2) -> {count_tokens(ext_tok, held_out) / chars:.3f} (extended)",
+        flush=True,
+    )
 
     rows = {"un-extended": {"step0": bits_per_character(load_model(model_dir), base_tok, held_out)}}
     print(f"  un-extended: {rows['un-extended']['step0']:.3f} bits/char", flush=True)
@@ -80,11 +103,17 @@ def main() -> None:
         rows[init] = {"step0": bits_per_character(resized_model(model_dir, base_tok, ext_tok, init), ext_tok, held_out)}
         trained = stage1(model_dir, extended_dir, data_dir, init, args)
         rows[init]["trained"] = bits_per_character(trained, ext_tok, held_out)
-        print(f"  {init}: {rows[init]['step0']:.3f} at step 0 -> {rows[init]['trained']:.3f} after {args.steps} Stage-1 steps", flush=True)
+        print(
+            f"  {init}: {rows[init]['step0']:.3f} at step 0 -> {rows[init]['trained']:.3f} after {args.steps} Stage-1 steps",
+            flush=True,
+        )
 
     print_table(rows, args.steps)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "bits_per_character": rows}, indent=2) + "\n")
+    args.json.write_text(
+        json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "bits_per_character": rows}, indent=2)
+        + "\n"
+    )
     print(f"total {time.perf_counter() - started:.0f}s; figures in {args.json}")
 
 
@@ -121,15 +150,53 @@ def stage1(model_dir: Path, tokenizer_dir: Path, data_dir: Path, init: str, args
     from zhtrain.pretrain import parse_pretrain_args, pretrain
 
     out = OUT / f"stage1-{init}"
-    result = pretrain(*parse_pretrain_args([
-        "--model_name_or_path", str(model_dir), "--tokenizer_name_or_path", str(tokenizer_dir), "--custom_vocab",
-        "--new_token_init", init, "--training_stage", "embeddings",
-        "--dataset_dir", str(data_dir), "--data_cache_dir", str(OUT / "cache"), "--block_size", str(args.block_size),
-        "--validation_split_percentage", "0", "--per_device_train_batch_size", "1", "--max_steps", str(args.steps),
-        "--learning_rate", str(args.learning_rate), "--lr_scheduler_type", "constant", "--weight_decay", "0",
-        "--seed", "42", "--do_train", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "True",
-        "--logging_steps", str(max(1, args.steps // 2)), "--output_dir", str(out), "--overwrite_output_dir",
-    ]))
+    result = pretrain(
+        *parse_pretrain_args(
+            [
+                "--model_name_or_path",
+                str(model_dir),
+                "--tokenizer_name_or_path",
+                str(tokenizer_dir),
+                "--custom_vocab",
+                "--new_token_init",
+                init,
+                "--training_stage",
+                "embeddings",
+                "--dataset_dir",
+                str(data_dir),
+                "--data_cache_dir",
+                str(OUT / "cache"),
+                "--block_size",
+                str(args.block_size),
+                "--validation_split_percentage",
+                "0",
+                "--per_device_train_batch_size",
+                "1",
+                "--max_steps",
+                str(args.steps),
+                "--learning_rate",
+                str(args.learning_rate),
+                "--lr_scheduler_type",
+                "constant",
+                "--weight_decay",
+                "0",
+                "--seed",
+                "42",
+                "--do_train",
+                "--save_strategy",
+                "no",
+                "--report_to",
+                "none",
+                "--disable_tqdm",
+                "True",
+                "--logging_steps",
+                str(max(1, args.steps // 2)),
+                "--output_dir",
+                str(out),
+                "--overwrite_output_dir",
+            ]
+        )
+    )
     shutil.rmtree(out / "pt_lora_model", ignore_errors=True)  # ~250 MB of embeddings per run
     return result.trainer.model.eval()
 
@@ -153,19 +220,25 @@ def bits_per_character(model, tokenizer, texts, batch: int = 8) -> float:
         with torch.no_grad():
             logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
         targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum").item()
+        nll += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+        ).item()
     return nll / math.log(2) / sum(map(len, texts))
 
 
 def print_table(rows: dict, steps: int) -> None:
     base = rows["un-extended"]["step0"]
     print()
-    print(f"| new rows start as | bits/char at step 0 | vs un-extended | after {steps} Stage-1 steps | vs un-extended |")
+    print(
+        f"| new rows start as | bits/char at step 0 | vs un-extended | after {steps} Stage-1 steps | vs un-extended |"
+    )
     print("|---|---|---|---|---|")
     print(f"| (un-extended SmolLM2, own tokenizer) | {base:.3f} | 1.00x | - | - |")
     for init in INITS:
         row = rows[init]
-        print(f"| {init} | {row['step0']:.3f} | {row['step0'] / base:.2f}x | {row['trained']:.3f} | {row['trained'] / base:.2f}x |")
+        print(
+            f"| {init} | {row['step0']:.3f} | {row['step0'] / base:.2f}x | {row['trained']:.3f} | {row['trained'] / base:.2f}x |"
+        )
     print()
 
 

@@ -37,7 +37,18 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MB, OUT, build_corpus, chinese_llama_tokenizer, gb, llama_tokenizer, median, repeat_file, run_child, write_json  # noqa: E402
+from common import (
+    MB,
+    OUT,
+    build_corpus,
+    chinese_llama_tokenizer,
+    gb,
+    llama_tokenizer,
+    median,
+    repeat_file,
+    run_child,
+    write_json,
+)  # noqa: E402
 
 BASELINE = r"""
 import json, os, sys, time
@@ -127,23 +138,34 @@ print(json.dumps({"seconds": min(threads_seconds, processes_seconds), "tokens": 
 
 
 def prepare(tokenizer_kind: str, size_mb: float) -> tuple[Path, Path]:
-    tokenizer = chinese_llama_tokenizer(OUT / "tokenizer-49953") if tokenizer_kind == "chinese" else llama_tokenizer(OUT / "tokenizer-32000")
+    tokenizer = (
+        chinese_llama_tokenizer(OUT / "tokenizer-49953")
+        if tokenizer_kind == "chinese"
+        else llama_tokenizer(OUT / "tokenizer-32000")
+    )
     corpus = build_corpus(OUT / f"corpus-{size_mb:g}MB" / "peoples_daily.txt", size_mb)
     return tokenizer, corpus
 
 
-def run_trial(kind: str, tokenizer: Path, corpus: Path, workers: int, scratch: Path, pss_every: Optional[float] = None) -> dict:
+def run_trial(
+    kind: str, tokenizer: Path, corpus: Path, workers: int, scratch: Path, pss_every: Optional[float] = None
+) -> dict:
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     try:
         if kind in ("baseline", "baseline-fast"):
-            result = run_child(BASELINE, [str(tokenizer), str(corpus), str(scratch), str(workers), "slow" if kind == "baseline" else "fast"])
+            result = run_child(
+                BASELINE,
+                [str(tokenizer), str(corpus), str(scratch), str(workers), "slow" if kind == "baseline" else "fast"],
+            )
         elif kind == "raw":
             result = run_child(RAW, [str(tokenizer / "tokenizer.model"), str(corpus)])
         else:
             mode = {"zhtrain-hf": "hf", "zhtrain-tok": "tok"}.get(kind, "auto")
             n = 1 if kind == "zhtrain-1proc" else workers
-            result = run_child(ZHTRAIN, [str(tokenizer), str(corpus.parent), str(scratch), str(n), mode], pss_every=pss_every)
+            result = run_child(
+                ZHTRAIN, [str(tokenizer), str(corpus.parent), str(scratch), str(n), mode], pss_every=pss_every
+            )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     result["mb_per_s"] = corpus.stat().st_size / MB / result["seconds"]
@@ -158,9 +180,12 @@ def p1(tokenizer_kind: str, size_mb: float, workers: int, repeats: int, kinds: l
         for kind in kinds if r % 2 == 0 else kinds[::-1]:  # alternate the order too
             result = run_trial(kind, tokenizer, corpus, workers, OUT / "scratch")
             runs[kind].append(result)
-            print(f"  P1 run {r + 1}/{repeats} {kind:<14} {result['seconds']:7.2f}s  {result['mb_per_s']:6.2f} MB/s  "
-                  f"{result['tokens_per_s'] / 1e6:5.2f} M tokens/s  peak {gb(result['peak_pss'])} PSS"
-                  + (f"  [{'; '.join(result['encoder'])}]" if result.get("encoder") else ""), flush=True)
+            print(
+                f"  P1 run {r + 1}/{repeats} {kind:<14} {result['seconds']:7.2f}s  {result['mb_per_s']:6.2f} MB/s  "
+                f"{result['tokens_per_s'] / 1e6:5.2f} M tokens/s  peak {gb(result['peak_pss'])} PSS"
+                + (f"  [{'; '.join(result['encoder'])}]" if result.get("encoder") else ""),
+                flush=True,
+            )
     summary = {
         kind: {
             "seconds": median(r["seconds"] for r in rs),
@@ -174,22 +199,34 @@ def p1(tokenizer_kind: str, size_mb: float, workers: int, repeats: int, kinds: l
         }
         for kind, rs in runs.items()
     }
-    report = {"tokenizer": tokenizer_kind, "size_mb": corpus.stat().st_size / MB, "workers": workers, "repeats": repeats, "kinds": summary}
+    report = {
+        "tokenizer": tokenizer_kind,
+        "size_mb": corpus.stat().st_size / MB,
+        "workers": workers,
+        "repeats": repeats,
+        "kinds": summary,
+    }
     print_p1(report)
     return report
 
 
 def print_p1(report: dict) -> None:
     kinds = report["kinds"]
-    print(f"\nP1 preprocessing, {report['size_mb']:.0f} MB People's Daily, tokenizer {report['tokenizer']}, "
-          f"{report['workers']} workers, median of {report['repeats']}:")
+    print(
+        f"\nP1 preprocessing, {report['size_mb']:.0f} MB People's Daily, tokenizer {report['tokenizer']}, "
+        f"{report['workers']} workers, median of {report['repeats']}:"
+    )
     print(f"  {'path':<14} {'seconds':>8} {'MB/s':>7} {'M tok/s':>8} {'peak PSS':>9}  {'x baseline':>10} {'of raw':>7}")
     for kind, s in kinds.items():
         vs_base = s["mb_per_s"] / kinds["baseline"]["mb_per_s"] if "baseline" in kinds else float("nan")
         vs_raw = s["tokens_per_s"] / kinds["raw"]["tokens_per_s"] if "raw" in kinds else float("nan")
-        print(f"  {kind:<14} {s['seconds']:8.2f} {s['mb_per_s']:7.2f} {s['tokens_per_s'] / 1e6:8.2f} {gb(s['peak_pss']):>9}  "
-              f"{vs_base:9.2f}x {vs_raw:6.0%}")
-    print("  (peak PSS read at RSS highs only, so as not to slow these runs: a lower bound for forked workers; P2 is the memory figure)")
+        print(
+            f"  {kind:<14} {s['seconds']:8.2f} {s['mb_per_s']:7.2f} {s['tokens_per_s'] / 1e6:8.2f} {gb(s['peak_pss']):>9}  "
+            f"{vs_base:9.2f}x {vs_raw:6.0%}"
+        )
+    print(
+        "  (peak PSS read at RSS highs only, so as not to slow these runs: a lower bound for forked workers; P2 is the memory figure)"
+    )
 
 
 def p2(tokenizer_kind: str, sizes: list[float], workers: int) -> dict:
@@ -205,8 +242,11 @@ def p2(tokenizer_kind: str, sizes: list[float], workers: int) -> dict:
             shutil.rmtree(folder, ignore_errors=True)
         result["size_mb"] = big_size
         rows.append(result)
-        print(f"  P2 {big_size:6.0f} MB  {result['seconds']:7.1f}s  {result['tokens'] / 1e6:7.1f} M tokens  "
-              f"peak PSS {gb(result['peak_pss'])}  peak RSS {gb(result['peak_rss'])}", flush=True)
+        print(
+            f"  P2 {big_size:6.0f} MB  {result['seconds']:7.1f}s  {result['tokens'] / 1e6:7.1f} M tokens  "
+            f"peak PSS {gb(result['peak_pss'])}  peak RSS {gb(result['peak_rss'])}",
+            flush=True,
+        )
     report = {"tokenizer": tokenizer_kind, "workers": workers, "rows": rows}
     print_p2(report)
     return report
@@ -216,19 +256,26 @@ def print_p2(report: dict) -> None:
     print(f"\nP2 preprocessing peak memory (zhtrain, tokenizer {report['tokenizer']}, {report['workers']} workers):")
     print(f"  {'text':>8} {'seconds':>8} {'M tokens':>9} {'peak PSS':>9} {'peak RSS':>9}")
     for row in report["rows"]:
-        print(f"  {row['size_mb']:6.0f}MB {row['seconds']:8.1f} {row['tokens'] / 1e6:9.1f} {gb(row['peak_pss']):>9} {gb(row['peak_rss']):>9}")
+        print(
+            f"  {row['size_mb']:6.0f}MB {row['seconds']:8.1f} {row['tokens'] / 1e6:9.1f} {gb(row['peak_pss']):>9} {gb(row['peak_rss']):>9}"
+        )
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokenizer", choices=["chinese", "llama"], default="chinese", help="chinese = LLaMA+Chinese 49953 (default)")
+    parser.add_argument(
+        "--tokenizer", choices=["chinese", "llama"], default="chinese", help="chinese = LLaMA+Chinese 49953 (default)"
+    )
     parser.add_argument("--mb", type=float, default=50, help="P1 corpus size in MB")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--kinds", default="baseline,baseline-fast,zhtrain,raw",
-                        help="baseline (the seed's slow tokenizer), baseline-fast (AutoTokenizer), zhtrain (default paths), raw; "
-                             "also zhtrain-1proc (one process), zhtrain-hf (--fast_tokenization False), zhtrain-tok "
-                             "(--tokenizer_backend tokenizers: transformers 5's ids)")
+    parser.add_argument(
+        "--kinds",
+        default="baseline,baseline-fast,zhtrain,raw",
+        help="baseline (the seed's slow tokenizer), baseline-fast (AutoTokenizer), zhtrain (default paths), raw; "
+        "also zhtrain-1proc (one process), zhtrain-hf (--fast_tokenization False), zhtrain-tok "
+        "(--tokenizer_backend tokenizers: transformers 5's ids)",
+    )
     parser.add_argument("--p2-sizes", type=float, nargs="*", default=[100, 500, 1000], help="MB; none to skip P2")
     parser.add_argument("--p2-tokenizer", choices=["chinese", "llama"], default=None, help="default: --tokenizer")
     parser.add_argument("--json", default=None)

@@ -29,10 +29,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from zhtrain.demo import assets
 from zhtrain.data.chat import load_conversations  # noqa: E402
 from zhtrain.data.supervised import encode_conversations  # noqa: E402
 from zhtrain.data.templates import get_template  # noqa: E402
+from zhtrain.demo import assets
 from zhtrain.tokenizer.loading import load_tokenizer  # noqa: E402
 
 
@@ -45,7 +45,10 @@ def build_conversation_file(path: Path, n: int, seed: int = 0) -> Path:
         for _ in range(rng.choice([1, 1, 2, 3])):
             request, answer = lines[cursor], lines[cursor + 1]
             cursor += 2
-            turns += [{"from": "human", "value": f"请根据这句话写一段报道：{request[:60]}"}, {"from": "gpt", "value": answer}]
+            turns += [
+                {"from": "human", "value": f"请根据这句话写一段报道：{request[:60]}"},
+                {"from": "gpt", "value": answer},
+            ]
         records.append({"id": f"pd_{len(records)}", "conversations": turns})
     path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
     return path
@@ -73,18 +76,41 @@ def padded_tokens(lengths: list[int], batch_size: int, order: list[int], max_len
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_path", help="A conversation file (FastChat/ShareGPT, OpenAI messages or Alpaca; JSON/JSONL).")
-    parser.add_argument("--samples", type=int, default=4000, help="Conversations to build when no --data_path (default: %(default)s).")
+    parser.add_argument(
+        "--data_path", help="A conversation file (FastChat/ShareGPT, OpenAI messages or Alpaca; JSON/JSONL)."
+    )
+    parser.add_argument(
+        "--samples", type=int, default=4000, help="Conversations to build when no --data_path (default: %(default)s)."
+    )
     parser.add_argument("--tokenizer", help="Tokenizer folder (default: LLaMA-32000 from ../shared, else SmolLM2).")
     parser.add_argument("--template", default="vicuna_v1.1")
-    parser.add_argument("--model_max_length", type=int, default=2048, help="FastChat's value in the seed command (default: %(default)s).")
-    parser.add_argument("--micro_batch", type=int, default=2, help="Samples per padded batch: the seed's per_device_train_batch_size (default: %(default)s).")
-    parser.add_argument("--accumulation", type=int, default=16, help="The seed's gradient_accumulation_steps; --group_by_length groups per micro_batch x this (default: %(default)s).")
+    parser.add_argument(
+        "--model_max_length",
+        type=int,
+        default=2048,
+        help="FastChat's value in the seed command (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--micro_batch",
+        type=int,
+        default=2,
+        help="Samples per padded batch: the seed's per_device_train_batch_size (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--accumulation",
+        type=int,
+        default=16,
+        help="The seed's gradient_accumulation_steps; --group_by_length groups per micro_batch x this (default: %(default)s).",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        data = Path(args.data_path) if args.data_path else build_conversation_file(scratch / "conversations.json", args.samples)
+        data = (
+            Path(args.data_path)
+            if args.data_path
+            else build_conversation_file(scratch / "conversations.json", args.samples)
+        )
         tokenizer = load_tokenizer(args.tokenizer or default_tokenizer(scratch))
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
@@ -108,27 +134,41 @@ def main() -> None:
     rng = random.Random(0)
     shuffled = list(range(len(lengths)))
     rng.shuffle(shuffled)
-    from transformers.trainer_pt_utils import get_length_grouped_indices
     import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
 
     # The Trainer's LengthGroupedSampler groups per (micro batch x accumulation); each micro batch is padded.
-    grouped = get_length_grouped_indices(lengths, args.micro_batch * args.accumulation, generator=torch.Generator().manual_seed(0))
+    grouped = get_length_grouped_indices(
+        lengths, args.micro_batch * args.accumulation, generator=torch.Generator().manual_seed(0)
+    )
     dynamic_random, fixed = padded_tokens(lengths, args.micro_batch, shuffled, args.model_max_length)
     dynamic_grouped, _ = padded_tokens(lengths, args.micro_batch, grouped, args.model_max_length)
 
-    print(f"data: {data if args.data_path else 'People’s Daily conversations'}; {len(conversations)} conversations, "
-          f"{sum(s.turns for s in samples)} assistant turns; tokenizer {tokenizer.name_or_path} ({len(tokenizer)} tokens); template {template.name}")
-    print(f"lengths: mean {real / len(lengths):.0f}, max {max(lengths)} tokens; {sum(1 for s in samples if s.truncated)} truncated, "
-          f"{len(samples) - len(kept)} dropped at --model_max_length {args.model_max_length}")
+    print(
+        f"data: {data if args.data_path else 'People’s Daily conversations'}; {len(conversations)} conversations, "
+        f"{sum(s.turns for s in samples)} assistant turns; tokenizer {tokenizer.name_or_path} ({len(tokenizer)} tokens); template {template.name}"
+    )
+    print(
+        f"lengths: mean {real / len(lengths):.0f}, max {max(lengths)} tokens; {sum(1 for s in samples if s.truncated)} truncated, "
+        f"{len(samples) - len(kept)} dropped at --model_max_length {args.model_max_length}"
+    )
     print(f"read + check files: {len(conversations) / load_s:,.0f} samples/s")
-    print(f"encode, batched (default):        {len(samples) / batched_s:,.0f} samples/s ({sum(lengths) / batched_s:,.0f} tokens/s)")
+    print(
+        f"encode, batched (default):        {len(samples) / batched_s:,.0f} samples/s ({sum(lengths) / batched_s:,.0f} tokens/s)"
+    )
     print(f"encode, one per call (lazy mode):  {len(subset) / single_s:,.0f} samples/s")
     print(f"tokens per epoch, micro batches of {args.micro_batch}: real {real:,}")
-    print(f"  padded to --model_max_length {args.model_max_length} (FastChat): {fixed:,}  ({fixed / real:.2f}x the real tokens)")
-    print(f"  padded to the batch's longest, random order (zhtrain): {dynamic_random:,}  ({dynamic_random / real:.2f}x; "
-          f"{100 * (1 - dynamic_random / fixed):.1f}% fewer than FastChat)")
-    print(f"  padded to the batch's longest, --group_by_length: {dynamic_grouped:,}  ({dynamic_grouped / real:.2f}x; "
-          f"{100 * (1 - dynamic_grouped / fixed):.1f}% fewer than FastChat)")
+    print(
+        f"  padded to --model_max_length {args.model_max_length} (FastChat): {fixed:,}  ({fixed / real:.2f}x the real tokens)"
+    )
+    print(
+        f"  padded to the batch's longest, random order (zhtrain): {dynamic_random:,}  ({dynamic_random / real:.2f}x; "
+        f"{100 * (1 - dynamic_random / fixed):.1f}% fewer than FastChat)"
+    )
+    print(
+        f"  padded to the batch's longest, --group_by_length: {dynamic_grouped:,}  ({dynamic_grouped / real:.2f}x; "
+        f"{100 * (1 - dynamic_grouped / fixed):.1f}% fewer than FastChat)"
+    )
 
 
 if __name__ == "__main__":

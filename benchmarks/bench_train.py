@@ -116,8 +116,16 @@ def make_model(dest: Path, vocab: int = 49953) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        vocab_size=vocab,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(str(dest))
@@ -134,7 +142,9 @@ def prepare() -> tuple[Path, Path, Path, Path]:
         from zhtrain.data.text import load_text_blocks
         from zhtrain.tokenizer.loading import load_tokenizer
 
-        load_text_blocks(str(corpus.parent), load_tokenizer(str(tokenizer)), BLOCK, str(cache), 0.001, show_progress=False)
+        load_text_blocks(
+            str(corpus.parent), load_tokenizer(str(tokenizer)), BLOCK, str(cache), 0.001, show_progress=False
+        )
     return tokenizer, model, corpus.parent, cache
 
 
@@ -142,14 +152,35 @@ def run_trial(kind: str, paths, steps: int) -> dict:
     tokenizer, model, data, cache = paths
     out = OUT / "scratch-train"
     shutil.rmtree(out, ignore_errors=True)
-    code = {"baseline": BASELINE, "baseline-passive": BASELINE, "zhtrain": ZHTRAIN, "zhtrain-plain": ZHTRAIN, "zhtrain-redraw": ZHTRAIN}[kind]
-    extra = {"zhtrain-plain": ["--chunked_loss", "False"], "zhtrain-redraw": ["--keep_dropout_masks", "False"]}.get(kind, [])
+    code = {
+        "baseline": BASELINE,
+        "baseline-passive": BASELINE,
+        "zhtrain": ZHTRAIN,
+        "zhtrain-plain": ZHTRAIN,
+        "zhtrain-redraw": ZHTRAIN,
+    }[kind]
+    extra = {"zhtrain-plain": ["--chunked_loss", "False"], "zhtrain-redraw": ["--keep_dropout_masks", "False"]}.get(
+        kind, []
+    )
     # zhtrain sets OMP_WAIT_POLICY=PASSIVE for itself; the baseline runs with the user's environment,
     # and baseline-passive with that one setting, to separate the thread policy from the rest.
     env = dict(ENV, OMP_WAIT_POLICY="PASSIVE") if kind == "baseline-passive" else ENV
     try:
-        result = run_child(code, [str(model), str(tokenizer), str(data), str(cache), str(out), str(steps), str(SEED), json.dumps(LORA), *extra],
-                           env=env)
+        result = run_child(
+            code,
+            [
+                str(model),
+                str(tokenizer),
+                str(data),
+                str(cache),
+                str(out),
+                str(steps),
+                str(SEED),
+                json.dumps(LORA),
+                *extra,
+            ],
+            env=env,
+        )
     finally:
         shutil.rmtree(out, ignore_errors=True)
     result["tokens_per_s"] = result["steps"] * BLOCK / result["seconds"] if result["seconds"] else float("nan")
@@ -160,9 +191,12 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--kinds", default="baseline,zhtrain,baseline-passive",
-                        help="baseline, zhtrain, baseline-passive (the baseline with OMP_WAIT_POLICY=PASSIVE, as zhtrain "
-                             "sets it); also zhtrain-plain (zhtrain with --chunked_loss False), zhtrain-redraw (--keep_dropout_masks False)")
+    parser.add_argument(
+        "--kinds",
+        default="baseline,zhtrain,baseline-passive",
+        help="baseline, zhtrain, baseline-passive (the baseline with OMP_WAIT_POLICY=PASSIVE, as zhtrain "
+        "sets it); also zhtrain-plain (zhtrain with --chunked_loss False), zhtrain-redraw (--keep_dropout_masks False)",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     kinds = args.kinds.split(",")
@@ -174,11 +208,19 @@ def main(argv=None) -> dict:
         for kind in kinds if r % 2 == 0 else kinds[::-1]:
             result = run_trial(kind, paths, args.steps)
             runs[kind].append(result)
-            print(f"  P3 run {r + 1}/{args.repeats} {kind:<16} {result['steps']} steps {result['seconds']:6.1f}s  "
-                  f"{result['tokens_per_s']:7.0f} tokens/s  peak {gb(result['peak_pss'])} PSS / {gb(result['peak_rss'])} RSS  "
-                  f"[{result['trainer']}]", flush=True)
-    report = {"steps": args.steps, "repeats": args.repeats, "imports_only_pss": median(imports), "imports_only_runs": imports,
-              "kinds": {}}
+            print(
+                f"  P3 run {r + 1}/{args.repeats} {kind:<16} {result['steps']} steps {result['seconds']:6.1f}s  "
+                f"{result['tokens_per_s']:7.0f} tokens/s  peak {gb(result['peak_pss'])} PSS / {gb(result['peak_rss'])} RSS  "
+                f"[{result['trainer']}]",
+                flush=True,
+            )
+    report = {
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "imports_only_pss": median(imports),
+        "imports_only_runs": imports,
+        "kinds": {},
+    }
     for kind, rs in runs.items():
         report["kinds"][kind] = {
             "tokens_per_s": median(r["tokens_per_s"] for r in rs),
@@ -205,20 +247,28 @@ def print_report(report: dict) -> None:
     base = kinds.get("baseline")
     imports = report["imports_only_pss"]
     nan = float("nan")
-    print(f"\nP3/P4 pre-training, LLaMA 4x256, vocab 49953, LoRA r8 + embed/lm_head trained, block {BLOCK}, "
-          f"{report['steps']} steps, median of {report['repeats']}:")
-    print(f"  {'path':<16} {'tokens/s':>8} {'P3 x base':>9} | {'peak PSS':>8} {'P4 x base':>9} | {'above imports':>13} "
-          f"{'x base':>6} | {'peak RSS':>8} | loss gap (first 20 steps)")
+    print(
+        f"\nP3/P4 pre-training, LLaMA 4x256, vocab 49953, LoRA r8 + embed/lm_head trained, block {BLOCK}, "
+        f"{report['steps']} steps, median of {report['repeats']}:"
+    )
+    print(
+        f"  {'path':<16} {'tokens/s':>8} {'P3 x base':>9} | {'peak PSS':>8} {'P4 x base':>9} | {'above imports':>13} "
+        f"{'x base':>6} | {'peak RSS':>8} | loss gap (first 20 steps)"
+    )
     for kind, s in kinds.items():
         speed = s["tokens_per_s"] / base["tokens_per_s"] if base else nan
         memory = s["peak_pss"] / base["peak_pss"] if base else nan
         own = s["peak_pss"] - imports
         own_ratio = own / (base["peak_pss"] - imports) if base else nan
         gap = max_loss_gap(s["losses"], base["losses"]) if base else nan
-        print(f"  {kind:<16} {s['tokens_per_s']:8.0f} {speed:8.2f}x | {gb(s['peak_pss']):>8} {memory:8.2f}x | "
-              f"{gb(own):>13} {own_ratio:5.2f}x | {gb(s['peak_rss']):>8} | {gap:.2e}")
-    print(f"  (import-only process, torch/transformers/peft/zhtrain: {gb(imports)} PSS; 'above imports' = peak PSS minus that: "
-          "the training's own memory)")
+        print(
+            f"  {kind:<16} {s['tokens_per_s']:8.0f} {speed:8.2f}x | {gb(s['peak_pss']):>8} {memory:8.2f}x | "
+            f"{gb(own):>13} {own_ratio:5.2f}x | {gb(s['peak_rss']):>8} | {gap:.2e}"
+        )
+    print(
+        f"  (import-only process, torch/transformers/peft/zhtrain: {gb(imports)} PSS; 'above imports' = peak PSS minus that: "
+        "the training's own memory)"
+    )
 
 
 if __name__ == "__main__":

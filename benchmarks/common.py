@@ -28,7 +28,10 @@ MB = 2**20
 PAGE = os.sysconf("SC_PAGE_SIZE")
 # Children get the user's defaults (e.g. tokenizers' own threads on), not a test suite's settings.
 # Taken when this module is imported, before zhtrain (which sets OMP_WAIT_POLICY for itself) is.
-ENV = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"} | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
+ENV = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"} | {
+    "HF_HUB_OFFLINE": "1",
+    "PYTHONPATH": str(REPO / "src"),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,7 +106,11 @@ def chinese_llama_tokenizer(dest: Path) -> Path:
     llama, chinese = tokenizer_files()
     from zhtrain.build_tokenizer import MergeArguments, merge
 
-    merge(MergeArguments(llama_tokenizer_dir=str(llama), chinese_sp_model_file=str(chinese), output_dir=str(dest), overwrite=True))
+    merge(
+        MergeArguments(
+            llama_tokenizer_dir=str(llama), chinese_sp_model_file=str(chinese), output_dir=str(dest), overwrite=True
+        )
+    )
     return dest
 
 
@@ -172,8 +179,9 @@ def _pss(pids: list[int]) -> int:
     return total
 
 
-def run_child(code: str, args: list[str], timeout: float = 1800, env: Optional[dict] = None,
-              pss_every: Optional[float] = None) -> dict:
+def run_child(
+    code: str, args: list[str], timeout: float = 1800, env: Optional[dict] = None, pss_every: Optional[float] = None
+) -> dict:
     """Run `python -c code args...`; its last stdout line is JSON. Adds peak tree RSS/PSS and wall time.
 
     PSS is read at each new RSS high, and also every `pss_every` seconds when given: forked workers

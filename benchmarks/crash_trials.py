@@ -55,15 +55,57 @@ def make_assets(root: Path, files: int, lines: int) -> dict:
 def pretrain_command(assets: dict, out: Path, cache: Path, steps: int, save_steps: int) -> list[str]:
     """Deterministic on CPU: fixed seed, one thread, no data-loader workers; dropout on, as in the seed."""
     return [
-        sys.executable, "-m", "zhtrain", "pretrain",
-        "--model_name_or_path", str(assets["model"]), "--tokenizer_name_or_path", str(assets["tokenizer"]),
-        "--dataset_dir", str(assets["data"]), "--data_cache_dir", str(cache), "--output_dir", str(out),
-        "--block_size", "32", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
-        "--max_steps", str(steps), "--save_steps", str(save_steps), "--save_total_limit", "2",
-        "--learning_rate", "1e-3", "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.1", "--seed", "7",
-        "--trainable", "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj",
-        "--modules_to_save", "embed_tokens,lm_head", "--lora_rank", "8", "--lora_alpha", "32", "--lora_dropout", "0.05",
-        "--do_train", "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "True",
+        sys.executable,
+        "-m",
+        "zhtrain",
+        "pretrain",
+        "--model_name_or_path",
+        str(assets["model"]),
+        "--tokenizer_name_or_path",
+        str(assets["tokenizer"]),
+        "--dataset_dir",
+        str(assets["data"]),
+        "--data_cache_dir",
+        str(cache),
+        "--output_dir",
+        str(out),
+        "--block_size",
+        "32",
+        "--per_device_train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "2",
+        "--max_steps",
+        str(steps),
+        "--save_steps",
+        str(save_steps),
+        "--save_total_limit",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--lr_scheduler_type",
+        "cosine",
+        "--warmup_ratio",
+        "0.1",
+        "--seed",
+        "7",
+        "--trainable",
+        "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj",
+        "--modules_to_save",
+        "embed_tokens,lm_head",
+        "--lora_rank",
+        "8",
+        "--lora_alpha",
+        "32",
+        "--lora_dropout",
+        "0.05",
+        "--do_train",
+        "--logging_steps",
+        "1",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "True",
     ]
 
 
@@ -138,7 +180,9 @@ def wait_for(proc, condition, timeout: float) -> bool:
     return False
 
 
-def killed_run(cmd, log: Path, phase: str, out: Path, cache: Path, rng: random.Random, save_steps: int, timeout: float) -> dict:
+def killed_run(
+    cmd, log: Path, phase: str, out: Path, cache: Path, rng: random.Random, save_steps: int, timeout: float
+) -> dict:
     before = {p.name for p in out.glob("checkpoint-*")} if out.is_dir() else set()
     with open(log, "w") as handle:
         proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=ENV, cwd=REPO)
@@ -150,6 +194,7 @@ def killed_run(cmd, log: Path, phase: str, out: Path, cache: Path, rng: random.R
             triggered = wait_for(proc, lambda: log.read_text().count("'loss':") >= target, timeout)
             delay = rng.uniform(0, 0.3)
         else:
+
             def new_checkpoint():
                 return any(p.name not in before for p in out.glob("checkpoint-*")) if out.is_dir() else False
 
@@ -165,8 +210,13 @@ def killed_run(cmd, log: Path, phase: str, out: Path, cache: Path, rng: random.R
     resumed = re.search(r"resuming from (\S+)", text)
     steps = re.findall(r"'loss':", text)
     return {
-        "phase": phase, "triggered": triggered, "delay_s": round(delay, 3), "finished_before_kill": finished,
-        "returncode": proc.returncode, "resumed_from": resumed.group(1) if resumed else None, "session_steps": len(steps),
+        "phase": phase,
+        "triggered": triggered,
+        "delay_s": round(delay, 3),
+        "finished_before_kill": finished,
+        "returncode": proc.returncode,
+        "resumed_from": resumed.group(1) if resumed else None,
+        "session_steps": len(steps),
     }
 
 
@@ -227,7 +277,9 @@ def main(argv=None) -> int:
             available = ["checkpoint"] if "preprocessing" not in available else available
         phase = opening[k] if k < len(opening) and opening[k] in available else rng.choice(available)
         trial = killed_run(cmd, root / f"kill-{k:02d}.log", phase, out, cache, rng, args.save_steps, args.timeout)
-        trial["resumed_from_complete"] = trial["resumed_from"] is None or int(trial["resumed_from"].rsplit("-", 1)[1]) in previous_complete
+        trial["resumed_from_complete"] = (
+            trial["resumed_from"] is None or int(trial["resumed_from"].rsplit("-", 1)[1]) in previous_complete
+        )
         trial["after"] = inspect(out, cache)
         previous_complete = trial["after"]["complete"]
         trials.append(trial)
@@ -258,7 +310,8 @@ def main(argv=None) -> int:
         "resumed_from_incomplete_checkpoint": sum(not t["resumed_from_complete"] for t in trials)
         + (final_resumed is not None and int(final_resumed.group(1).rsplit("-", 1)[1]) not in previous_complete),
         "incomplete_checkpoints_left_by_kills": sum(len(t["after"]["incomplete"]) for t in trials),
-        "half_written_checkpoints": sum(len(t["after"]["half_written"]) for t in trials) + len(final_inspection["half_written"]),
+        "half_written_checkpoints": sum(len(t["after"]["half_written"]) for t in trials)
+        + len(final_inspection["half_written"]),
         "broken_cache_entries": sum(len(t["after"]["cache_broken"]) for t in trials),
         "final_run_returncode": final.returncode,
         "reference_returncode": reference.get("returncode"),
@@ -268,7 +321,12 @@ def main(argv=None) -> int:
     if final.returncode == 0 and reference.get("returncode") == 0:
         result["final_vs_uninterrupted"] = compare_adapters(out / "pt_lora_model", ref_out / "pt_lora_model")
     else:
-        result["final_vs_uninterrupted"] = {"bitwise_equal": False, "note": "a run failed", "final_tail": final_text[-1500:], "reference_tail": reference.get("tail")}
+        result["final_vs_uninterrupted"] = {
+            "bitwise_equal": False,
+            "note": "a run failed",
+            "final_tail": final_text[-1500:],
+            "reference_tail": reference.get("tail"),
+        }
     result["trials"] = trials
 
     summary = {k: v for k, v in result.items() if k != "trials"}

@@ -45,14 +45,20 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--tau", type=float, default=0.05)
     parser.add_argument("--eval_lines", type=int, default=16)
-    parser.add_argument("--eval_set", choices=("last", "before"), default="last",
-                        help="last: the lines the settings were chosen on; before: the lines before them")
+    parser.add_argument(
+        "--eval_set",
+        choices=("last", "before"),
+        default="last",
+        help="last: the lines the settings were chosen on; before: the lines before them",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
 
     model_dir, corpus = assets.ensure_model(), assets.ensure_corpus()
     if not (OUT / "tokenizer").is_dir():
-        raise SystemExit(f"{OUT / 'tokenizer'}: run benchmarks/bench_new_token_init.py first (it builds the extended tokenizer)")
+        raise SystemExit(
+            f"{OUT / 'tokenizer'}: run benchmarks/bench_new_token_init.py first (it builds the extended tokenizer)"
+        )
     lines = [line.rstrip("\n") for line in corpus.open(encoding="utf-8") if line.strip()]
     eligible = [line for line in lines[-2000:] if 40 <= len(line) <= 200]
     # "last": bench_new_token_init's held-out lines, on which --layer/--top/--tau were chosen;
@@ -81,7 +87,11 @@ def main() -> None:
     inputs, outputs = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     mixed_output = (weights.unsqueeze(2) * outputs.detach()[chinese_old][nearest.indices]).sum(1)
     start_in, start_out = inputs.detach().clone(), outputs.detach().clone()
-    for name, set_input, set_output in (("residual-input", True, False), ("cjk-mix-output", False, True), ("both", True, True)):
+    for name, set_input, set_output in (
+        ("residual-input", True, False),
+        ("cjk-mix-output", False, True),
+        ("both", True, True),
+    ):
         with torch.no_grad():
             inputs.copy_(start_in)
             outputs.copy_(start_out)
@@ -91,8 +101,10 @@ def main() -> None:
                 outputs[new_rows] = mixed_output.to(outputs.dtype)
         results[name] = bits_per_character(model, ext_tok, held_out)
 
-    print(f"\n{len(held_out)} held-out lines; {len(chinese_old)} old tokens contain Chinese characters; layer {args.layer}, "
-          f"top {args.top}, tau {args.tau}")
+    print(
+        f"\n{len(held_out)} held-out lines; {len(chinese_old)} old tokens contain Chinese characters; layer {args.layer}, "
+        f"top {args.top}, tau {args.tau}"
+    )
     print("| new rows start as | bits/char at step 0 | vs un-extended |")
     print("|---|---|---|")
     for name, value in results.items():

@@ -38,8 +38,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TINY = os.environ.get("GPU_CHECK_TINY", "0") not in ("", "0", "false", "False")
 VOCAB, TOKENIZER_SIZE = 32000, 49953  # the seed's "train Chinese LLaMA from original LLaMA"
-MODEL = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4)
-TINY_MODEL = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+MODEL = dict(
+    hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4
+)
+TINY_MODEL = dict(
+    hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
 SIZES = {  # block, per-device batch and steps of each run
     "pretrain": (2048, 8, 20) if not TINY else (64, 2, 4),
     "sft": (2048, 4, 10) if not TINY else (64, 2, 4),
@@ -143,8 +147,14 @@ def make_model(folder: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
-                         tie_word_embeddings=False, **(TINY_MODEL if TINY else MODEL))
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        **(TINY_MODEL if TINY else MODEL),
+    )
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):  # a 1.1B random init takes seconds on the GPU, a minute on CPU
@@ -174,7 +184,9 @@ def make_conversations(path: Path, samples: int, block: int) -> Path:
         turns = []
         for t in range(4):
             words = block // 8 if t % 2 == 0 else block // 2
-            turns.append({"from": "human" if t % 2 == 0 else "gpt", "value": " ".join(rng.choice(WORDS) for _ in range(words))})
+            turns.append(
+                {"from": "human" if t % 2 == 0 else "gpt", "value": " ".join(rng.choice(WORDS) for _ in range(words))}
+            )
         data.append({"id": f"identity_{k}", "conversations": turns})
     path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     return path
@@ -186,9 +198,27 @@ def make_conversations(path: Path, samples: int, block: int) -> Path:
 
 def launch(command: str, flags: list[str], workdir: Path) -> dict:
     result_file = workdir / f"{command}_result.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "1", "--master_port", "29531",
-           __file__, "--gpu-check-run", command, str(result_file), *flags]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "1",
+        "--master_port",
+        "29531",
+        __file__,
+        "--gpu-check-run",
+        command,
+        str(result_file),
+        *flags,
+    ]
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
+    )
     started = time.perf_counter()
     log = workdir / f"{command}.log"
     with open(log, "w") as handle:
@@ -206,7 +236,10 @@ def mfu(record: dict) -> float | None:
     if not peak or not record["tokens_per_second"]:
         return None
     shape = TINY_MODEL if TINY else MODEL
-    per_token = 6 * matmul_parameters(shape, TOKENIZER_SIZE) + 12 * shape["num_hidden_layers"] * shape["hidden_size"] * record["block"]
+    per_token = (
+        6 * matmul_parameters(shape, TOKENIZER_SIZE)
+        + 12 * shape["num_hidden_layers"] * shape["hidden_size"] * record["block"]
+    )
     return record["tokens_per_second"] * per_token / peak
 
 
@@ -217,7 +250,12 @@ def check(record: dict, on_gpu: bool) -> list[str]:
         problems.append(f"world size {record['world_size']}, expected 1")
     if record["command"] == "pretrain" and engine != "DeepSpeedEngine":
         problems.append(f"engine {engine}, expected DeepSpeedEngine")
-    if record["command"] == "sft" and on_gpu and "FullyShardedDataParallel" not in engine and not engine.startswith("FSDP"):
+    if (
+        record["command"] == "sft"
+        and on_gpu
+        and "FullyShardedDataParallel" not in engine
+        and not engine.startswith("FSDP")
+    ):
         problems.append(f"engine {engine}, expected FSDP")
     if not record["losses"] or not all(math.isfinite(x) for x in record["losses"]):
         problems.append(f"losses {record['losses']}")
@@ -248,7 +286,10 @@ def main() -> None:
     workdir = Path(os.environ.get("GPU_CHECK_DIR") or tempfile.mkdtemp(prefix="zhtrain-gpu-check-"))
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    print(f"gpu_check: {'TINY ' if TINY else ''}on {torch.cuda.get_device_name(0) if on_gpu else 'CPU'}, work in {workdir}", flush=True)
+    print(
+        f"gpu_check: {'TINY ' if TINY else ''}on {torch.cuda.get_device_name(0) if on_gpu else 'CPU'}, work in {workdir}",
+        flush=True,
+    )
 
     tokenizer = make_tokenizer(workdir / "tokenizer")
     model = make_model(workdir / "base")
@@ -258,39 +299,135 @@ def main() -> None:
     conversations = make_conversations(workdir / "conversations.json", sft_batch * (sft_steps + 2), sft_block)
     print(f"gpu_check: assets ready in {time.perf_counter() - started:.0f}s", flush=True)
 
-    common = ["--do_train", "--model_name_or_path", str(model), "--tokenizer_name_or_path", str(tokenizer), "--report_to", "none",
-              "--logging_steps", "1", "--disable_tqdm", "True", "--gradient_checkpointing", "True", "--overwrite_output_dir"]
-    pretrain = launch("pretrain", [
-        *common, "--deepspeed", str(REPO / "configs" / "ds_zero2_no_offload.json"), "--fp16", "--torch_dtype", "float16",
-        "--dataset_dir", str(data), "--data_cache_dir", str(workdir / "cache"), "--output_dir", str(workdir / "pt_out"),
-        "--validation_split_percentage", "0.001", "--block_size", str(block), "--per_device_train_batch_size", str(batch),
-        "--gradient_accumulation_steps", "1", "--max_steps", str(steps), "--learning_rate", "2e-4", "--lr_scheduler_type", "cosine",
-        "--warmup_ratio", "0.05", "--weight_decay", "0.01", "--save_steps", "100000", "--seed", "42",
-        "--trainable", "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj", "--modules_to_save", "embed_tokens,lm_head",
-        "--lora_rank", "8", "--lora_alpha", "32", "--lora_dropout", "0.05", "--ddp_find_unused_parameters", "False",
-    ], workdir)
-    sft = launch("sft", [
-        *common, "--data_path", str(conversations), "--output_dir", str(workdir / "sft_out"),
-        "--fsdp", "full_shard auto_wrap", "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
-        "--bf16", "True", "--tf32", "True", "--model_max_length", str(sft_block), "--per_device_train_batch_size", str(sft_batch),
-        "--max_steps", str(sft_steps), "--learning_rate", "2e-5", "--weight_decay", "0.", "--warmup_ratio", "0.03",
-        "--lr_scheduler_type", "cosine", "--save_strategy", "no", "--lazy_preprocess", "True",
-        "--include_num_input_tokens_seen", "True",
-    ], workdir)
+    common = [
+        "--do_train",
+        "--model_name_or_path",
+        str(model),
+        "--tokenizer_name_or_path",
+        str(tokenizer),
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "1",
+        "--disable_tqdm",
+        "True",
+        "--gradient_checkpointing",
+        "True",
+        "--overwrite_output_dir",
+    ]
+    pretrain = launch(
+        "pretrain",
+        [
+            *common,
+            "--deepspeed",
+            str(REPO / "configs" / "ds_zero2_no_offload.json"),
+            "--fp16",
+            "--torch_dtype",
+            "float16",
+            "--dataset_dir",
+            str(data),
+            "--data_cache_dir",
+            str(workdir / "cache"),
+            "--output_dir",
+            str(workdir / "pt_out"),
+            "--validation_split_percentage",
+            "0.001",
+            "--block_size",
+            str(block),
+            "--per_device_train_batch_size",
+            str(batch),
+            "--gradient_accumulation_steps",
+            "1",
+            "--max_steps",
+            str(steps),
+            "--learning_rate",
+            "2e-4",
+            "--lr_scheduler_type",
+            "cosine",
+            "--warmup_ratio",
+            "0.05",
+            "--weight_decay",
+            "0.01",
+            "--save_steps",
+            "100000",
+            "--seed",
+            "42",
+            "--trainable",
+            "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj",
+            "--modules_to_save",
+            "embed_tokens,lm_head",
+            "--lora_rank",
+            "8",
+            "--lora_alpha",
+            "32",
+            "--lora_dropout",
+            "0.05",
+            "--ddp_find_unused_parameters",
+            "False",
+        ],
+        workdir,
+    )
+    sft = launch(
+        "sft",
+        [
+            *common,
+            "--data_path",
+            str(conversations),
+            "--output_dir",
+            str(workdir / "sft_out"),
+            "--fsdp",
+            "full_shard auto_wrap",
+            "--fsdp_transformer_layer_cls_to_wrap",
+            "LlamaDecoderLayer",
+            "--bf16",
+            "True",
+            "--tf32",
+            "True",
+            "--model_max_length",
+            str(sft_block),
+            "--per_device_train_batch_size",
+            str(sft_batch),
+            "--max_steps",
+            str(sft_steps),
+            "--learning_rate",
+            "2e-5",
+            "--weight_decay",
+            "0.",
+            "--warmup_ratio",
+            "0.03",
+            "--lr_scheduler_type",
+            "cosine",
+            "--save_strategy",
+            "no",
+            "--lazy_preprocess",
+            "True",
+            "--include_num_input_tokens_seen",
+            "True",
+        ],
+        workdir,
+    )
 
-    print(f"\n{'run':<44} {'engine':<28} {'tokens/s':>9} {'peak GPU GiB':>12} {'MFU':>6} {'last loss':>9} {'wall s':>7}")
+    print(
+        f"\n{'run':<44} {'engine':<28} {'tokens/s':>9} {'peak GPU GiB':>12} {'MFU':>6} {'last loss':>9} {'wall s':>7}"
+    )
     problems = []
-    for label, record in (("pretrain: ZeRO-2 fp16 LoRA+embeddings, block " + str(block), pretrain),
-                          ("sft: FSDP full_shard bf16 full fine-tune, " + str(sft_block), sft)):
+    for label, record in (
+        ("pretrain: ZeRO-2 fp16 LoRA+embeddings, block " + str(block), pretrain),
+        ("sft: FSDP full_shard bf16 full fine-tune, " + str(sft_block), sft),
+    ):
         value = mfu(record)
         memory = f"{record['peak_gpu_memory_gib']:.1f}" if record["peak_gpu_memory_gib"] is not None else "n/a"
         tps = f"{record['tokens_per_second']:.0f}" if record["tokens_per_second"] else "n/a"
-        print(f"{label:<44} {record['engine']:<28} {tps:>9} {memory:>12} {(f'{100 * value:.1f}%' if value else 'n/a'):>6} "
-              f"{record['losses'][-1]:>9.4f} {record['wall_seconds']:>7.0f}")
+        print(
+            f"{label:<44} {record['engine']:<28} {tps:>9} {memory:>12} {(f'{100 * value:.1f}%' if value else 'n/a'):>6} "
+            f"{record['losses'][-1]:>9.4f} {record['wall_seconds']:>7.0f}"
+        )
         problems += [f"{record['command']}: {p}" for p in check(record, on_gpu)]
     shape = TINY_MODEL if TINY else MODEL
-    print(f"(model: {matmul_parameters(shape, TOKENIZER_SIZE) / 1e9:.2f}B matmul weights, {shape['num_hidden_layers']} layers, "
-          f"hidden {shape['hidden_size']}; tokens/s over steps {WARM_STEPS + 2}..end; total {time.perf_counter() - started:.0f}s)")
+    print(
+        f"(model: {matmul_parameters(shape, TOKENIZER_SIZE) / 1e9:.2f}B matmul weights, {shape['num_hidden_layers']} layers, "
+        f"hidden {shape['hidden_size']}; tokens/s over steps {WARM_STEPS + 2}..end; total {time.perf_counter() - started:.0f}s)"
+    )
     if problems:
         raise SystemExit("gpu_check: FAILED: " + "; ".join(problems))
     print("gpu_check: OK", flush=True)

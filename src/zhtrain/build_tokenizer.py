@@ -32,14 +32,28 @@ POEM = "白日依山尽，黄河入海流。"
 
 @dataclass
 class TrainArguments:
-    corpus: list[str] = field(default_factory=list, metadata={"help": "Text files, or folders of *.txt, one sentence or paragraph per line.", "nargs": "+"})
-    output_dir: Optional[str] = field(default=None, metadata={"help": "Folder for chinese_sp.model and chinese_sp.vocab."})
-    vocab_size: int = field(default=20000, metadata={"help": "Pieces in the model (Chinese-LLaMA's chinese_sp.model has 20000)."})
-    model_type: str = field(default="unigram", metadata={"help": "sentencepiece algorithm (chinese_sp.model is unigram).", "choices": ["unigram", "bpe"]})
-    character_coverage: float = field(default=0.9995, metadata={"help": "Share of characters covered by pieces; the rarest become <unk>."})
+    corpus: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Text files, or folders of *.txt, one sentence or paragraph per line.", "nargs": "+"},
+    )
+    output_dir: Optional[str] = field(
+        default=None, metadata={"help": "Folder for chinese_sp.model and chinese_sp.vocab."}
+    )
+    vocab_size: int = field(
+        default=20000, metadata={"help": "Pieces in the model (Chinese-LLaMA's chinese_sp.model has 20000)."}
+    )
+    model_type: str = field(
+        default="unigram",
+        metadata={"help": "sentencepiece algorithm (chinese_sp.model is unigram).", "choices": ["unigram", "bpe"]},
+    )
+    character_coverage: float = field(
+        default=0.9995, metadata={"help": "Share of characters covered by pieces; the rarest become <unk>."}
+    )
     input_sentence_size: int = field(
         default=2_000_000,
-        metadata={"help": "Sampling cap: sentencepiece keeps a uniform random sample of this many lines (in memory); 0 = all."},
+        metadata={
+            "help": "Sampling cap: sentencepiece keeps a uniform random sample of this many lines (in memory); 0 = all."
+        },
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace --output_dir if it exists."})
 
@@ -47,27 +61,52 @@ class TrainArguments:
         at_least(self.vocab_size, 2, "--vocab_size")
         at_least(self.input_sentence_size, 0, "--input_sentence_size")
         if not 0.98 <= self.character_coverage <= 1:
-            raise ZhtrainError(f"--character_coverage {self.character_coverage}: sentencepiece takes 0.98 to 1 (0.9995 for Chinese, 1 for small alphabets)")
+            raise ZhtrainError(
+                f"--character_coverage {self.character_coverage}: sentencepiece takes 0.98 to 1 (0.9995 for Chinese, 1 for small alphabets)"
+            )
 
 
 @dataclass
 class MergeArguments:
-    llama_tokenizer_dir: Optional[str] = field(default=None, metadata={"help": "Base tokenizer: a folder with tokenizer.model, or the .model file."})
-    chinese_sp_model_file: str = field(default="./chinese_sp.model", metadata={"help": "The SentencePiece model whose pieces are appended."})
-    output_dir: str = field(default="merged_tokenizer_hf", metadata={"help": "Folder for the merged tokenizer.model and the Hugging Face files."})
-    add_pad_token: bool = field(default=False, metadata={"help": "Append Chinese-Alpaca's [PAD] (49953 -> 49954) and make it the pad token."})
+    llama_tokenizer_dir: Optional[str] = field(
+        default=None, metadata={"help": "Base tokenizer: a folder with tokenizer.model, or the .model file."}
+    )
+    chinese_sp_model_file: str = field(
+        default="./chinese_sp.model", metadata={"help": "The SentencePiece model whose pieces are appended."}
+    )
+    output_dir: str = field(
+        default="merged_tokenizer_hf",
+        metadata={"help": "Folder for the merged tokenizer.model and the Hugging Face files."},
+    )
+    add_pad_token: bool = field(
+        default=False, metadata={"help": "Append Chinese-Alpaca's [PAD] (49953 -> 49954) and make it the pad token."}
+    )
     overwrite: bool = field(default=False, metadata={"help": "Replace --output_dir if it exists."})
 
 
 @dataclass
 class ExtendArguments:
-    tokenizer_name_or_path: Optional[str] = field(default=None, metadata={"help": "Base tokenizer folder (a model folder works: only tokenizer files are used)."})
-    corpus: list[str] = field(default_factory=list, metadata={"help": "Learn new tokens from these text files / folders of *.txt.", "nargs": "+"})
-    num_new_tokens: int = field(default=8000, metadata={"help": "How many tokens to learn from --corpus (fewer if the corpus supports fewer)."})
+    tokenizer_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Base tokenizer folder (a model folder works: only tokenizer files are used)."}
+    )
+    corpus: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Learn new tokens from these text files / folders of *.txt.", "nargs": "+"},
+    )
+    num_new_tokens: int = field(
+        default=8000, metadata={"help": "How many tokens to learn from --corpus (fewer if the corpus supports fewer)."}
+    )
     min_frequency: int = field(default=2, metadata={"help": "A learned token must occur at least this often."})
-    new_tokens: Optional[str] = field(default=None, metadata={"help": "Tokens to add as they are: comma-separated, or a file with one per line."})
-    held_out_every: int = field(default=50, metadata={"help": "Every N-th corpus line is held back to measure tokens per character (0 = none)."})
-    input_sentence_size: int = field(default=1_000_000, metadata={"help": "Sampling cap: learn from a uniform random sample of this many lines; 0 = all."})
+    new_tokens: Optional[str] = field(
+        default=None, metadata={"help": "Tokens to add as they are: comma-separated, or a file with one per line."}
+    )
+    held_out_every: int = field(
+        default=50, metadata={"help": "Every N-th corpus line is held back to measure tokens per character (0 = none)."}
+    )
+    input_sentence_size: int = field(
+        default=1_000_000,
+        metadata={"help": "Sampling cap: learn from a uniform random sample of this many lines; 0 = all."},
+    )
     output_dir: Optional[str] = field(default=None, metadata={"help": "Folder for the extended tokenizer."})
     overwrite: bool = field(default=False, metadata={"help": "Replace --output_dir if it exists."})
 
@@ -91,21 +130,34 @@ def train(args: TrainArguments) -> Path:
     say(f"training a {args.model_type} SentencePiece model of {args.vocab_size:,} pieces on {len(files)} file(s)")
     with folder.new_output_dir(args.output_dir, args.overwrite, inputs) as tmp:
         model_path = sp.train_model(
-            counted, tmp / "chinese_sp", args.vocab_size, args.model_type, args.character_coverage, args.input_sentence_size, names
+            counted,
+            tmp / "chinese_sp",
+            args.vocab_size,
+            args.model_type,
+            args.character_coverage,
+            args.input_sentence_size,
+            names,
         )
         proto = sp.read_model(model_path, "trained model")
-        folder.write_record(tmp, {"command": "train", "corpus": [str(p) for p in files], "lines": counted.count, **_plain(args)})
+        folder.write_record(
+            tmp, {"command": "train", "corpus": [str(p) for p in files], "lines": counted.count, **_plain(args)}
+        )
     final = Path(args.output_dir) / "chinese_sp.model"
     say(f"{len(proto.pieces):,} pieces from {counted.count:,} lines -> {final}")
     say(f"{POEM} -> {' '.join(sp.pieces_of(proto, POEM))}")
-    say(f"next: zhtrain tokenizer merge --llama_tokenizer_dir <llama tokenizer> --chinese_sp_model_file {final} --output_dir <folder>")
+    say(
+        f"next: zhtrain tokenizer merge --llama_tokenizer_dir <llama tokenizer> --chinese_sp_model_file {final} --output_dir <folder>"
+    )
     return final
 
 
 def merge(args: MergeArguments) -> Path:
     """The seed's merge_tokenizers.py: base pieces + the Chinese pieces it lacks -> tokenizer folder."""
 
-    inputs = [("--llama_tokenizer_dir", args.llama_tokenizer_dir), ("--chinese_sp_model_file", args.chinese_sp_model_file)]
+    inputs = [
+        ("--llama_tokenizer_dir", args.llama_tokenizer_dir),
+        ("--chinese_sp_model_file", args.chinese_sp_model_file),
+    ]
     folder.check_output_dir(args.output_dir, args.overwrite, inputs)
     base_file = sp.base_model_path(args.llama_tokenizer_dir)
     base = sp.read_model(base_file, "--llama_tokenizer_dir")
@@ -113,10 +165,15 @@ def merge(args: MergeArguments) -> Path:
     merged = sp.merge_models(base, chinese, args.add_pad_token)
     with folder.new_output_dir(args.output_dir, args.overwrite, inputs) as tmp:
         size = sp.write_hf_folder(merged, tmp, args.add_pad_token)
-        folder.write_record(tmp, {"command": "merge", "base": str(base_file), "base_size": len(base.pieces), "size": size, **_plain(args)})
+        folder.write_record(
+            tmp,
+            {"command": "merge", "base": str(base_file), "base_size": len(base.pieces), "size": size, **_plain(args)},
+        )
     added = size - len(base.pieces) - (1 if args.add_pad_token else 0)
     pad = f" + {sp.PAD_PIECE}" if args.add_pad_token else ""
-    say(f"{len(base.pieces):,} base pieces + {added:,} new from {args.chinese_sp_model_file}{pad} = {size:,} -> {args.output_dir}")
+    say(
+        f"{len(base.pieces):,} base pieces + {added:,} new from {args.chinese_sp_model_file}{pad} = {size:,} -> {args.output_dir}"
+    )
     say(f"{POEM}  base: {' '.join(sp.pieces_of(base, POEM))}")
     say(f"{POEM}  merged: {' '.join(sp.pieces_of(merged, POEM))}")
     return Path(args.output_dir)
@@ -130,7 +187,9 @@ def extend(args: ExtendArguments) -> Path:
         base_dir = base_dir.parent  # a tokenizer.json path: its folder, as load_tokenizer reads it
     listed = parse_new_tokens(args.new_tokens)
     if not args.corpus and not listed:
-        raise ZhtrainError("zhtrain tokenizer extend: nothing to add; pass --corpus to learn tokens and/or --new_tokens")
+        raise ZhtrainError(
+            "zhtrain tokenizer extend: nothing to add; pass --corpus to learn tokens and/or --new_tokens"
+        )
     inputs = [("--tokenizer_name_or_path", base_dir), *[("--corpus", path) for path in args.corpus]]
     if args.new_tokens and Path(args.new_tokens).is_file():
         inputs.append(("--new_tokens", args.new_tokens))
@@ -144,7 +203,9 @@ def extend(args: ExtendArguments) -> Path:
         check_distinct(files, "--corpus")
         corpus.require_text(files)
         lines = corpus.reservoir_sample(held_out.split(corpus.iter_lines(files)), args.input_sentence_size)
-        say(f"learning up to {args.num_new_tokens:,} tokens from {len(lines):,} lines ({len(held_out.lines):,} held out)")
+        say(
+            f"learning up to {args.num_new_tokens:,} tokens from {len(lines):,} lines ({len(held_out.lines):,} held out)"
+        )
         learned = bpe.learn_tokens(spec, lines, args.num_new_tokens, args.min_frequency)
         if not learned.tokens:
             raise ZhtrainError(
@@ -168,21 +229,38 @@ def extend(args: ExtendArguments) -> Path:
         before = corpus.tokens_per_character(base, held_out.lines)
         after = corpus.tokens_per_character(tokenizer, held_out.lines)
         record = {
-            "command": "extend", "base": str(base_dir), "base_size": len(base), "size": len(tokenizer),
-            "learned": len(learned.tokens) if learned else 0, "listed": len(listed), "held_out_lines": len(held_out.lines),
-            "tokens_per_character": {"base": before, "extended": after}, **_plain(args),
+            "command": "extend",
+            "base": str(base_dir),
+            "base_size": len(base),
+            "size": len(tokenizer),
+            "learned": len(learned.tokens) if learned else 0,
+            "listed": len(listed),
+            "held_out_lines": len(held_out.lines),
+            "tokens_per_character": {"base": before, "extended": after},
+            **_plain(args),
         }
         folder.write_record(tmp, record)
-    say(f"{len(base):,} tokens + {record['learned']:,} learned + {len(listed):,} listed = {len(tokenizer):,} -> {args.output_dir}")
+    say(
+        f"{len(base):,} tokens + {record['learned']:,} learned + {len(listed):,} listed = {len(tokenizer):,} -> {args.output_dir}"
+    )
     if learned is not None:
         say(f"first learned: {bpe.readable(tokenizer, learned.tokens)}")
     if before and after:
-        say(f"tokens per character on {len(held_out.lines):,} held-out lines: {before:.3f} -> {after:.3f} ({100 * (after / before - 1):+.1f}%)")
+        say(
+            f"tokens per character on {len(held_out.lines):,} held-out lines: {before:.3f} -> {after:.3f} ({100 * (after / before - 1):+.1f}%)"
+        )
     return Path(args.output_dir)
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "tokenizer.model", "chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 def copy_tokenizer_files(src: Path, dest: Path) -> None:
@@ -199,10 +277,11 @@ def parse_new_tokens(value: Optional[str]) -> list[str]:
         return []
     path = Path(value)
     if path.is_file():
-
         tokens = list(iter_lines([path]))
     elif "," not in value and (path.suffix in (".txt", ".tsv", ".list", ".csv") or "/" in value):
-        raise ZhtrainError(f"--new_tokens {value}: no such file; pass a file with one token per line, or the tokens comma-separated")
+        raise ZhtrainError(
+            f"--new_tokens {value}: no such file; pass a file with one token per line, or the tokens comma-separated"
+        )
     else:
         tokens = [token.strip() for token in value.split(",") if token.strip()]
     seen: set[str] = set()

@@ -13,16 +13,28 @@ from zhtrain.errors import ZhtrainError, run_command
 
 # command -> (module, one-line help). Modules are imported lazily so `zhtrain --help` is instant.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "pretrain": ("zhtrain.pretrain", "continued pre-training with LoRA (+ trained embeddings): run_clm_pt_with_peft.py"),
+    "pretrain": (
+        "zhtrain.pretrain",
+        "continued pre-training with LoRA (+ trained embeddings): run_clm_pt_with_peft.py",
+    ),
     "run_clm_pt_with_peft": ("zhtrain.pretrain", "alias of pretrain (the seed's script name)"),
     "sft": ("zhtrain.sft", "supervised fine-tuning, LoRA or full (FSDP): run_clm_sft_with_peft.py / FastChat train.py"),
     "train_mem": ("zhtrain.sft", "alias of sft (FastChat's train_mem.py; attention via --attn_implementation)"),
-    "merge": ("zhtrain.merge", "fold LoRA adapters into the base, shard by shard, verified: merge_llama_with_chinese_lora.py"),
+    "merge": (
+        "zhtrain.merge",
+        "fold LoRA adapters into the base, shard by shard, verified: merge_llama_with_chinese_lora.py",
+    ),
     "export": ("zhtrain.export", "export a merged model: `zhtrain export gguf` (llama.cpp's converter)"),
     "generate": ("zhtrain.generate", "generate from a model (+ adapters), file or interactive: inference_hf.py"),
-    "tokenizer": ("zhtrain.build_tokenizer", "train a Chinese SentencePiece model, merge it into LLaMA's, or extend a BPE tokenizer"),
+    "tokenizer": (
+        "zhtrain.build_tokenizer",
+        "train a Chinese SentencePiece model, merge it into LLaMA's, or extend a BPE tokenizer",
+    ),
     "inspect": ("zhtrain.inspect", "which vocabulary mode applies, tokens per character, what a LoRA run would train"),
-    "launch": ("zhtrain.launch", "torchrun with fail-fast rendezvous checks and a one-line failure summary: zhtrain launch [torchrun flags] <command> ..."),
+    "launch": (
+        "zhtrain.launch",
+        "torchrun with fail-fast rendezvous checks and a one-line failure summary: zhtrain launch [torchrun flags] <command> ...",
+    ),
     "demo": ("zhtrain.demo", "the main job on a real model and real Chinese text, end to end"),
 }
 
@@ -41,7 +53,6 @@ def main(argv: list[str] | None = None) -> None:
         print(usage())
         return
     if argv[0] in ("-V", "--version"):
-
         print(__version__)
         return
     name = argv.pop(0)
@@ -70,7 +81,9 @@ def read_config_file(path: Path) -> dict:
     except UnicodeDecodeError as err:
         raise ZhtrainError(f"{path}: not UTF-8 text (byte {err.start}); save the config file as UTF-8") from None
     except json.JSONDecodeError as err:
-        raise ZhtrainError(f"{path}: not valid JSON at line {err.lineno} column {err.colno} ({err.msg}); fix the file") from None
+        raise ZhtrainError(
+            f"{path}: not valid JSON at line {err.lineno} column {err.colno} ({err.msg}); fix the file"
+        ) from None
     except Exception as err:  # yaml's errors: report where, not the multi-line dump
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
@@ -79,7 +92,9 @@ def read_config_file(path: Path) -> dict:
     if config is None:
         return {}
     if not isinstance(config, dict):
-        raise ZhtrainError(f"{path}: a config file must be a mapping of flag names to values, not a {type(config).__name__}")
+        raise ZhtrainError(
+            f"{path}: a config file must be a mapping of flag names to values, not a {type(config).__name__}"
+        )
     return config
 
 

@@ -63,7 +63,9 @@ def check_not_an_input(output, flag: str, inputs, under: Optional[str] = None) -
             continue
         src = Path(source).resolve()
         if src == out:
-            raise ZhtrainError(f"{flag} {output} is also {input_flag}: writing there could overwrite it; choose another path")
+            raise ZhtrainError(
+                f"{flag} {output} is also {input_flag}: writing there could overwrite it; choose another path"
+            )
         if out in src.parents and (under is None or fnmatch.fnmatch(src.relative_to(out).parts[0], under)):
             raise ZhtrainError(
                 f"{flag} {output} holds {input_flag} {source}, which writing there could delete; choose another path "

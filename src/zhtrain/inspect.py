@@ -35,15 +35,22 @@ GRAD_BYTES = 4  # fp32 gradients (and master weights under mixed precision: 4 mo
 
 @dataclass
 class InspectArguments:
-    model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Model folder (Hugging Face format); weights are not loaded."})
-    tokenizer_name_or_path: Optional[str] = field(default=None, metadata={"help": "Tokenizer to train with (default: the model's)."})
+    model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Model folder (Hugging Face format); weights are not loaded."}
+    )
+    tokenizer_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Tokenizer to train with (default: the model's)."}
+    )
     sample: Optional[str] = field(default=None, metadata={"help": "A text file to measure tokens per character on."})
     max_sample_lines: int = field(default=2000, metadata={"help": "Read at most this many lines of --sample."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank of the run to cost (run_pt.sh: 8)."})
     trainable: str = field(
-        default="q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj", metadata={"help": "LoRA target modules (run_pt.sh's)."}
+        default="q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj",
+        metadata={"help": "LoRA target modules (run_pt.sh's)."},
     )
-    modules_to_save: str = field(default="embed_tokens,lm_head", metadata={"help": "Modules trained in full (run_pt.sh's)."})
+    modules_to_save: str = field(
+        default="embed_tokens,lm_head", metadata={"help": "Modules trained in full (run_pt.sh's)."}
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model folder."})
 
     def __post_init__(self):
@@ -62,9 +69,16 @@ def inspect(args: InspectArguments) -> dict:
     own = own_tokenizer(args.model_name_or_path, tokenizer_path, tokenizer)
     rows, size = model_vocab_size(config), len(tokenizer)
     report = {"model_vocab": rows, "tokenizer_len": size}
-    show("model", f"{args.model_name_or_path}: {config.model_type}, {getattr(config, 'num_hidden_layers', '?')} layers, "
-         f"hidden {getattr(config, 'hidden_size', '?')}, {rows:,} embedding rows")
-    show("tokenizer", f"{tokenizer_path}: {size:,} tokens ({kind_of(tokenizer_path)})" + (f"; the model's own has {len(own):,}" if own else ""))
+    show(
+        "model",
+        f"{args.model_name_or_path}: {config.model_type}, {getattr(config, 'num_hidden_layers', '?')} layers, "
+        f"hidden {getattr(config, 'hidden_size', '?')}, {rows:,} embedding rows",
+    )
+    show(
+        "tokenizer",
+        f"{tokenizer_path}: {size:,} tokens ({kind_of(tokenizer_path)})"
+        + (f"; the model's own has {len(own):,}" if own else ""),
+    )
     report["mode"] = describe_mode(rows, size)
     if own is not None and own is not tokenizer:
         report["first_different_id"] = first_different_id(own, tokenizer)
@@ -80,7 +94,9 @@ def read_config(args: InspectArguments):
     from transformers import AutoConfig
 
     if not args.model_name_or_path or not Path(args.model_name_or_path).is_dir():
-        raise ZhtrainError(f"--model_name_or_path {args.model_name_or_path}: no such folder; pass a model in Hugging Face format")
+        raise ZhtrainError(
+            f"--model_name_or_path {args.model_name_or_path}: no such folder; pass a model in Hugging Face format"
+        )
     try:
         return AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as err:
@@ -130,7 +146,10 @@ def first_different_id(own, tokenizer) -> Optional[int]:
     theirs, ours = own.convert_ids_to_tokens(list(range(n))), tokenizer.convert_ids_to_tokens(list(range(n)))
     for index, (a, b) in enumerate(zip(theirs, ours)):
         if a != b:
-            show("ids", f"WARNING: id {index} is {a!r} for the model but {b!r} here: the model's rows would be read as other tokens")
+            show(
+                "ids",
+                f"WARNING: id {index} is {a!r} for the model but {b!r} here: the model's rows would be read as other tokens",
+            )
             return index
     show("ids", f"the first {n:,} ids are the model tokenizer's: this tokenizer extends it")
     return None
@@ -139,13 +158,19 @@ def first_different_id(own, tokenizer) -> Optional[int]:
 def describe_new_rows(tokenizer, own, rows: int, size: int) -> dict:
 
     if own is None:
-        show("new rows", f"{size - rows:,}; the model folder has no tokenizer, so --new_token_init subword_mean falls back to the mean")
+        show(
+            "new rows",
+            f"{size - rows:,}; the model folder has no tokenizer, so --new_token_init subword_mean falls back to the mean",
+        )
         return {"count": size - rows, "spelled": 0}
     pieces = subword_pieces(tokenizer, own, rows, size)
     spelled = [p for p in pieces if p]
     average = sum(map(len, spelled)) / len(spelled) if spelled else 0.0
-    show("new rows", f"{size - rows:,}; --new_token_init subword_mean starts {len(spelled):,} from their base pieces "
-         f"({average:.1f} each on average), {size - rows - len(spelled):,} at the mean")
+    show(
+        "new rows",
+        f"{size - rows:,}; --new_token_init subword_mean starts {len(spelled):,} from their base pieces "
+        f"({average:.1f} each on average), {size - rows - len(spelled):,} at the mean",
+    )
     return {"count": size - rows, "spelled": len(spelled), "pieces_per_token": average}
 
 
@@ -166,13 +191,14 @@ def meta_model(args: InspectArguments, config):
     import torch
     from transformers import AutoModelForCausalLM
 
-
     with torch.device("meta"):
         try:
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
         except ValueError as err:  # not a causal LM (t5, bert, ...): transformers' own sentence names the type
-            raise ZhtrainError(f"--model_name_or_path {args.model_name_or_path}: not a causal language model ({err}); "
-                              "pass a decoder-only (LLaMA-family) model") from err
+            raise ZhtrainError(
+                f"--model_name_or_path {args.model_name_or_path}: not a causal language model ({err}); "
+                "pass a decoder-only (LLaMA-family) model"
+            ) from err
     # The names a run would refuse are refused here too, instead of costing a run that trains nothing.
     check_module_names(model, split_names(args.trainable), "--trainable")
     check_module_names(model, split_names(args.modules_to_save), "--modules_to_save")
@@ -183,10 +209,14 @@ def describe_cost(args: InspectArguments, model, size: int) -> dict:
     """Parameters counted on a meta-device model: exact, and free."""
     import torch
 
-
     hidden = model.get_input_embeddings().weight.shape[1]
-    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    total = sum(p.numel() for p in model.parameters()) + (size - model.get_input_embeddings().weight.shape[0]) * hidden * (1 if tied else 2)
+    tied = (
+        model.get_output_embeddings() is not None
+        and model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    )
+    total = sum(p.numel() for p in model.parameters()) + (
+        size - model.get_input_embeddings().weight.shape[0]
+    ) * hidden * (1 if tied else 2)
     targets, saved = split_names(args.trainable), split_names(args.modules_to_save)
     lora = 0
     for name, module in model.named_modules():
@@ -203,16 +233,24 @@ def describe_cost(args: InspectArguments, model, size: int) -> dict:
     stage1 = 2 * size * hidden
     if tied and "lm_head" in saved:
         total += size * hidden  # training lm_head unties it: a second matrix
-    show("Stage 2", f"LoRA r={args.lora_rank} on {','.join(targets)} + {','.join(saved) or 'nothing'} in full: "
-         f"{stage2:,} trainable of {total:,} parameters; {memory(stage2)}")
+    show(
+        "Stage 2",
+        f"LoRA r={args.lora_rank} on {','.join(targets)} + {','.join(saved) or 'nothing'} in full: "
+        f"{stage2:,} trainable of {total:,} parameters; {memory(stage2)}",
+    )
     show("Stage 1", f"--training_stage embeddings (embed_tokens + lm_head): {stage1:,} trainable; {memory(stage1)}")
-    show("", "under --fp16/--bf16 add 4 bytes per trainable parameter (fp32 master weights); --train_new_rows_only "
-         "trains fewer rows, but gradients and optimizer states still span the whole matrices")
+    show(
+        "",
+        "under --fp16/--bf16 add 4 bytes per trainable parameter (fp32 master weights); --train_new_rows_only "
+        "trains fewer rows, but gradients and optimizer states still span the whole matrices",
+    )
     return {"total": total, "stage2_trainable": stage2, "stage1_trainable": stage1, "lora": lora}
 
 
 def memory(trainable: int) -> str:
-    return f"AdamW states {trainable * ADAMW_BYTES / GIB:.2f} GiB + fp32 gradients {trainable * GRAD_BYTES / GIB:.2f} GiB"
+    return (
+        f"AdamW states {trainable * ADAMW_BYTES / GIB:.2f} GiB + fp32 gradients {trainable * GRAD_BYTES / GIB:.2f} GiB"
+    )
 
 
 def show(label: str, text: str) -> None:

@@ -57,7 +57,9 @@ def check_rendezvous(args) -> None:
     try:
         socket.getaddrinfo(addr, port)
     except socket.gaierror as err:
-        raise ZhtrainError(f"{flags}: cannot resolve {addr!r} ({err.strerror}); pass node 0's address, the same on every node") from None
+        raise ZhtrainError(
+            f"{flags}: cannot resolve {addr!r} ({err.strerror}); pass node 0's address, the same on every node"
+        ) from None
     if node_rank == 0:
         _check_can_host(addr, port, flags)
     else:
@@ -83,7 +85,9 @@ def _check_can_host(addr: str, port: int, flags: str) -> None:
             probe.bind(("", port))
         except OSError as err:
             if err.errno == errno.EADDRINUSE:
-                raise ZhtrainError(f"{flags}: port {port} is already in use on this machine; pick a free --master_port (the same on every node)") from None
+                raise ZhtrainError(
+                    f"{flags}: port {port} is already in use on this machine; pick a free --master_port (the same on every node)"
+                ) from None
             raise
 
 

@@ -70,17 +70,44 @@ def parse_merge_args(argv: Optional[list[str]] = None) -> MergeOptions:
     parser = CommandParser(prog="zhtrain merge", description=__doc__.split("\n\n")[0])
     parser.add_argument("--base_model", required=True, help="Base model folder in Hugging Face format.")
     parser.add_argument("--lora_model", required=True, help="Adapter folders, comma-separated, applied in this order.")
-    parser.add_argument("--output_type", choices=["huggingface", "pth"], default="huggingface",
-                        help="huggingface (safetensors shards) or pth (Meta's consolidated.NN.pth). Default: %(default)s.")
-    parser.add_argument("--output_dir", required=True, help="Where the merged model goes (must not exist, unless --overwrite).")
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="Output dtype; auto keeps the base's. Default: %(default)s.")
-    parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
-                        help="Compare logits with base + adapters through PEFT (default: on when the model fits in memory).")
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output_dir (only once the new one is complete).")
-    parser.add_argument("--num_shards", type=int, default=None, help="pth only: model-parallel shards (default by size: 7B 1, 13B 2, 33B 4, 65B 8).")
-    parser.add_argument("--max_shard_size", default="2GB",
-                        help="Largest output file (e.g. 2GB, 500MB): memory use is about this plus the adapters. Default: %(default)s.")
-    parser.add_argument("--offload_dir", default=None, help="Accepted for the seed's command lines; unused (the merge streams shards).")
+    parser.add_argument(
+        "--output_type",
+        choices=["huggingface", "pth"],
+        default="huggingface",
+        help="huggingface (safetensors shards) or pth (Meta's consolidated.NN.pth). Default: %(default)s.",
+    )
+    parser.add_argument(
+        "--output_dir", required=True, help="Where the merged model goes (must not exist, unless --overwrite)."
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default="auto",
+        help="Output dtype; auto keeps the base's. Default: %(default)s.",
+    )
+    parser.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Compare logits with base + adapters through PEFT (default: on when the model fits in memory).",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="Replace an existing --output_dir (only once the new one is complete)."
+    )
+    parser.add_argument(
+        "--num_shards",
+        type=int,
+        default=None,
+        help="pth only: model-parallel shards (default by size: 7B 1, 13B 2, 33B 4, 65B 8).",
+    )
+    parser.add_argument(
+        "--max_shard_size",
+        default="2GB",
+        help="Largest output file (e.g. 2GB, 500MB): memory use is about this plus the adapters. Default: %(default)s.",
+    )
+    parser.add_argument(
+        "--offload_dir", default=None, help="Accepted for the seed's command lines; unused (the merge streams shards)."
+    )
     ns = parser.parse_args(argv)
     adapters = [Path(part.strip()) for part in ns.lora_model.split(",") if part.strip()]
     if not adapters:
@@ -88,12 +115,23 @@ def parse_merge_args(argv: Optional[list[str]] = None) -> MergeOptions:
     shard_size_bytes(ns.max_shard_size)  # a bad size fails here, before any work
     if ns.num_shards is not None and (ns.num_shards < 1 or ns.output_type != "pth"):
         raise ZhtrainError(f"--num_shards {ns.num_shards}: only for --output_type pth, and at least 1")
-    return MergeOptions(Path(ns.base_model), adapters, Path(ns.output_dir), ns.output_type, ns.dtype, ns.verify, ns.overwrite,
-                        ns.num_shards, ns.max_shard_size)
+    return MergeOptions(
+        Path(ns.base_model),
+        adapters,
+        Path(ns.output_dir),
+        ns.output_type,
+        ns.dtype,
+        ns.verify,
+        ns.overwrite,
+        ns.num_shards,
+        ns.max_shard_size,
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
+    )
     merge(parse_merge_args(argv))
 
 
@@ -118,13 +156,21 @@ def merge(opts: MergeOptions) -> dict:
             parts = opts.num_shards or meta.default_num_shards(config["hidden_size"])
             write_pth(plan, tmp, opts.dtype, config, parts, max_bytes)
         copy_tokenizer(plan, tmp)
-        summary = {"base_model": str(opts.base_model), "lora_model": [str(a.path) for a in adapters],
-                   "output_type": opts.output_type, "vocab_size": plan.final_vocab, "tie_word_embeddings": plan.tied_output,
-                   "merge_seconds": round(time.perf_counter() - start, 2)}
+        summary = {
+            "base_model": str(opts.base_model),
+            "lora_model": [str(a.path) for a in adapters],
+            "output_type": opts.output_type,
+            "vocab_size": plan.final_vocab,
+            "tie_word_embeddings": plan.tied_output,
+            "merge_seconds": round(time.perf_counter() - start, 2),
+        }
         summary["verification"] = maybe_verify(plan, opts, tmp, config)
         write_json_atomic(tmp / "zhtrain_merge.json", summary)
-    print(f"zhtrain merge: {len(adapters)} adapter(s) merged into {opts.output_dir} ({opts.output_type}, vocab {plan.final_vocab}) "
-          f"in {time.perf_counter() - start:.1f}s", flush=True)
+    print(
+        f"zhtrain merge: {len(adapters)} adapter(s) merged into {opts.output_dir} ({opts.output_type}, vocab {plan.final_vocab}) "
+        f"in {time.perf_counter() - start:.1f}s",
+        flush=True,
+    )
     return summary
 
 
@@ -137,7 +183,9 @@ def output_folder(dest: Path) -> Iterator[Path]:
             yield tmp
     except OSError as err:
         if err.errno == errno.ENOSPC:
-            raise ZhtrainError(f"--output_dir {dest}: the disk filled up while writing; free space and run again (nothing was left behind)") from err
+            raise ZhtrainError(
+                f"--output_dir {dest}: the disk filled up while writing; free space and run again (nothing was left behind)"
+            ) from err
         raise
 
 
@@ -244,7 +292,9 @@ def copy_tokenizer(plan: MergePlan, out: Path) -> None:
     source = next((a.path for a in reversed(plan.adapters) if a.has_tokenizer), plan.checkpoint.folder)
     for path in tokenizer_files(source):
         shutil.copyfile(path, out / path.name)
-    template = next((a.path / TEMPLATE_FILE for a in reversed(plan.adapters) if (a.path / TEMPLATE_FILE).is_file()), None)
+    template = next(
+        (a.path / TEMPLATE_FILE for a in reversed(plan.adapters) if (a.path / TEMPLATE_FILE).is_file()), None
+    )
     if template is not None:
         shutil.copyfile(template, out / TEMPLATE_FILE)
 
@@ -253,7 +303,11 @@ def check_output_dir(opts: MergeOptions) -> None:
     out = opts.output_dir.resolve()
     check_distinct(opts.lora_model, "--lora_model")  # an adapter applied twice
     # --overwrite replaces the whole folder: an input anywhere inside it would go with it.
-    check_not_an_input(opts.output_dir, "--output_dir", [("--base_model", opts.base_model), *[("--lora_model", a) for a in opts.lora_model]])
+    check_not_an_input(
+        opts.output_dir,
+        "--output_dir",
+        [("--base_model", opts.base_model), *[("--lora_model", a) for a in opts.lora_model]],
+    )
     if out.exists() and not opts.overwrite:
         raise ZhtrainError(
             f"--output_dir {opts.output_dir} exists; pass --overwrite to replace it (the old folder stays until the new one "
@@ -278,15 +332,22 @@ def maybe_verify(plan: MergePlan, opts: MergeOptions, out: Path, config: dict) -
 
     fits, why = verify.fits_in_memory(plan.checkpoint.nbytes(torch.float32))
     if opts.verify is False or (opts.verify is None and not fits):
-        reason = "--no-verify" if opts.verify is False else f"the model is too large to verify in memory ({why}); pass --verify to force"
+        reason = (
+            "--no-verify"
+            if opts.verify is False
+            else f"the model is too large to verify in memory ({why}); pass --verify to force"
+        )
         print(f"zhtrain merge: verification skipped: {reason}", flush=True)
         return {"skipped": reason}
     dtype = DTYPES.get(opts.dtype) or plan.checkpoint.dtypes[EMBED]
     diff, tolerance, inputs = verify.compare_with_peft(
         plan.checkpoint.folder, [a.path for a in plan.adapters], out, opts.output_type, config, plan.final_vocab, dtype
     )
-    print(f"zhtrain merge: verified against base + adapters through PEFT on {inputs} inputs: max |logit difference| "
-          f"{diff:.3g} (tolerance {tolerance:.3g})", flush=True)
+    print(
+        f"zhtrain merge: verified against base + adapters through PEFT on {inputs} inputs: max |logit difference| "
+        f"{diff:.3g} (tolerance {tolerance:.3g})",
+        flush=True,
+    )
     if not diff <= tolerance:
         raise ZhtrainError(
             f"verification failed: max |logit difference| {diff:.3g} exceeds {tolerance:.3g} between the merged model and "

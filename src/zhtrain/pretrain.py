@@ -75,31 +75,43 @@ logger = logging.getLogger("zhtrain.pretrain")
 
 @dataclass
 class PretrainDataArguments:
-    dataset_dir: Optional[str] = field(default=None, metadata={"help": "Folder of plain-text *.txt files, one document per line."})
+    dataset_dir: Optional[str] = field(
+        default=None, metadata={"help": "Folder of plain-text *.txt files, one document per line."}
+    )
     data_cache_dir: Optional[str] = field(default="./cache", metadata={"help": "Where tokenized files are cached."})
     validation_split_percentage: float = field(
         default=0.05, metadata={"help": "Fraction (not percent, as in the seed) of blocks held out for evaluation."}
     )
-    block_size: Optional[int] = field(default=None, metadata={"help": "Tokens per training block (default: min(1024, model context))."})
+    block_size: Optional[int] = field(
+        default=None, metadata={"help": "Tokens per training block (default: min(1024, model context))."}
+    )
     preprocessing_num_workers: Optional[int] = field(
         default=None, metadata={"help": "Processes for tokenizing (capped at the CPU count; default: one per core)."}
     )
     fast_tokenization: bool = field(
         default=True,
-        metadata={"help": "Tokenize with raw sentencepiece / the tokenizers backend when they give exactly the HF "
-                          "tokenizer's ids on a sample (checked each run); False: always the HF tokenizer."},
+        metadata={
+            "help": "Tokenize with raw sentencepiece / the tokenizers backend when they give exactly the HF "
+            "tokenizer's ids on a sample (checked each run); False: always the HF tokenizer."
+        },
     )
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many training blocks."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many evaluation blocks."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Re-tokenize even if a valid cache exists."})
-    preprocess_only: bool = field(default=False, metadata={"help": "Build the token cache, print its figures, and exit."})
+    preprocess_only: bool = field(
+        default=False, metadata={"help": "Build the token cache, print its figures, and exit."}
+    )
     debug_mode: bool = field(default=False, metadata={"help": "Use only the first *.txt file."})
     # Accepted so the seed's command lines parse; they do nothing there either.
     dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Unused (seed compatibility)."})
-    train_file: Optional[str] = field(default=None, metadata={"help": "Unused (seed compatibility): use --dataset_dir."})
+    train_file: Optional[str] = field(
+        default=None, metadata={"help": "Unused (seed compatibility): use --dataset_dir."}
+    )
     validation_file: Optional[str] = field(default=None, metadata={"help": "Unused (seed compatibility)."})
     streaming: bool = field(default=False, metadata={"help": "Unused: files are always streamed."})
-    keep_linebreaks: bool = field(default=True, metadata={"help": "Unused (seed compatibility): one line = one document."})
+    keep_linebreaks: bool = field(
+        default=True, metadata={"help": "Unused (seed compatibility): one line = one document."}
+    )
 
     def __post_init__(self):
         for flag in ("max_train_samples", "max_eval_samples", "preprocessing_num_workers"):
@@ -119,7 +131,9 @@ class PretrainLoraArguments(LoraArguments):
     )
     train_new_rows_only: bool = field(
         default=False,
-        metadata={"help": "Stage 1: only the rows the tokenizer added are trained; the model's own rows stay bit-identical."},
+        metadata={
+            "help": "Stage 1: only the rows the tokenizer added are trained; the model's own rows stay bit-identical."
+        },
     )
 
 
@@ -137,8 +151,18 @@ def run_identity(model_args, data_args, lora_args, block_size: int) -> dict:
         "tokenizer": str(Path(model_args.tokenizer_name_or_path).resolve()),
         "dataset_dir": str(Path(data_args.dataset_dir).resolve()),
         "block_size": block_size,
-        "lora": [lora_args.trainable, lora_args.lora_rank, lora_args.lora_alpha, lora_args.modules_to_save, lora_args.peft_path],
-        **({"stage": [lora_args.training_stage, lora_args.train_new_rows_only]} if lora_args.training_stage != "lora" else {}),
+        "lora": [
+            lora_args.trainable,
+            lora_args.lora_rank,
+            lora_args.lora_alpha,
+            lora_args.modules_to_save,
+            lora_args.peft_path,
+        ],
+        **(
+            {"stage": [lora_args.training_stage, lora_args.train_new_rows_only]}
+            if lora_args.training_stage != "lora"
+            else {}
+        ),
     }
 
 
@@ -160,13 +184,17 @@ def apply_overrides(lora_args, training_args) -> Optional[int]:
     the checkpoint rotation limit (see checkpoints.take_over_rotation)."""
     if lora_args.training_stage == "embeddings":
         if lora_args.modules_to_save_list and set(lora_args.modules_to_save_list) != {"embed_tokens", "lm_head"}:
-            logger.warning("--modules_to_save %s -> embed_tokens,lm_head: --training_stage embeddings trains those two",
-                           lora_args.modules_to_save)
+            logger.warning(
+                "--modules_to_save %s -> embed_tokens,lm_head: --training_stage embeddings trains those two",
+                lora_args.modules_to_save,
+            )
         lora_args.modules_to_save = "embed_tokens,lm_head"
     if lora_args.train_new_rows_only and training_args.weight_decay:
         # AdamW's decoupled decay would shrink the frozen rows even with zero gradients.
-        logger.warning("--weight_decay %s -> 0: with --train_new_rows_only the model's own rows must stay unchanged",
-                       training_args.weight_decay)
+        logger.warning(
+            "--weight_decay %s -> 0: with --train_new_rows_only the model's own rows must stay unchanged",
+            training_args.weight_decay,
+        )
         training_args.weight_decay = 0.0
     return take_over_rotation(training_args, logger)
 
@@ -192,8 +220,12 @@ def pretrain(model_args, data_args, lora_args, training_args) -> RunResult:
 
     # 1. Check everything that can be checked before the slow steps.
     config = load_config(model_args)
-    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path, model_args.use_fast_tokenizer, model_args.trust_remote_code,
-                               model_args.tokenizer_backend)
+    tokenizer = load_tokenizer(
+        model_args.tokenizer_name_or_path,
+        model_args.use_fast_tokenizer,
+        model_args.trust_remote_code,
+        model_args.tokenizer_backend,
+    )
     purpose = check_vocab_pair(model_vocab_size(config), len(tokenizer), model_args.custom_vocab)
     logger.info("vocabulary: model %d, tokenizer %d -> %s", model_vocab_size(config), len(tokenizer), purpose)
     block_size = choose_block_size(data_args.block_size, config)
@@ -204,7 +236,9 @@ def pretrain(model_args, data_args, lora_args, training_args) -> RunResult:
     check_lora_flags(config, lora_args, model_args.trust_remote_code)
     check_writable(data_args.data_cache_dir or ".", "--data_cache_dir")
     if not data_args.preprocess_only:
-        check_output_keeps_inputs(training_args.output_dir, model_args, lora_args, "pt_lora_model")  # every rank: paths only
+        check_output_keeps_inputs(
+            training_args.output_dir, model_args, lora_args, "pt_lora_model"
+        )  # every rank: paths only
         if training_args.should_save:
             check_writable(training_args.output_dir, "--output_dir")
 
@@ -228,7 +262,9 @@ def pretrain(model_args, data_args, lora_args, training_args) -> RunResult:
     if data_args.preprocess_only:
         if training_args.should_log:
             print(stats.summary(), flush=True)
-        return RunResult({"preprocess_tokens": stats.tokens, "train_blocks": stats.train_blocks, "eval_blocks": stats.eval_blocks})
+        return RunResult(
+            {"preprocess_tokens": stats.tokens, "train_blocks": stats.train_blocks, "eval_blocks": stats.eval_blocks}
+        )
 
     resume_from = prepare_output_dir(training_args, run_identity(model_args, data_args, lora_args, block_size))
 
@@ -238,11 +274,19 @@ def pretrain(model_args, data_args, lora_args, training_args) -> RunResult:
     old_rows = model_vocab_size(config)
     # New rows that are neither trained nor saved must be what merge/generate rebuild: the mean.
     init = model_args.new_token_init if {"embed_tokens", "lm_head"} <= set(lora_args.modules_to_save_list) else "mean"
-    base_tokenizer = load_base_tokenizer(model_args, tokenizer) if init in NEEDS_BASE_TOKENIZER and len(tokenizer) > old_rows else None
+    base_tokenizer = (
+        load_base_tokenizer(model_args, tokenizer)
+        if init in NEEDS_BASE_TOKENIZER and len(tokenizer) > old_rows
+        else None
+    )
     fit_vocabulary(model, tokenizer, untie=trains_lm_head, new_token_init=init, base_tokenizer=base_tokenizer)
     # PEFT's frozen copies of embed_tokens/lm_head are dropped unless an engine shards or flattens the weights.
-    model = apply_lora(model, lora_args, training_args.gradient_checkpointing,
-                       drop_frozen_copies=not (training_args.deepspeed or training_args.fsdp))
+    model = apply_lora(
+        model,
+        lora_args,
+        training_args.gradient_checkpointing,
+        drop_frozen_copies=not (training_args.deepspeed or training_args.fsdp),
+    )
     set_checkpointing_kwargs(model, training_args)
     if lora_args.training_stage == "embeddings":
         train_embeddings_only(model, first_row=old_rows if lora_args.train_new_rows_only else 0)
@@ -254,12 +298,24 @@ def pretrain(model_args, data_args, lora_args, training_args) -> RunResult:
 
     # 4. Train and evaluate through the HF Trainer.
     throughput = ThroughputCallback()
-    callbacks = [SaveAdapterCallback(tokenizer, sentencepiece_file(model_args.tokenizer_name_or_path), "pt_lora_model"), throughput]
-    trainer = build_trainer(model, training_args, train_data if training_args.do_train else None, eval_data, tokenizer, callbacks,
-                            rotation_limit)
+    callbacks = [
+        SaveAdapterCallback(tokenizer, sentencepiece_file(model_args.tokenizer_name_or_path), "pt_lora_model"),
+        throughput,
+    ]
+    trainer = build_trainer(
+        model,
+        training_args,
+        train_data if training_args.do_train else None,
+        eval_data,
+        tokenizer,
+        callbacks,
+        rotation_limit,
+    )
     metrics: dict = {"trainable_parameters": trainable, "resumed_from": resume_from}
     if training_args.do_train and finished_checkpoint(resume_from, training_args):
-        finish_from_checkpoint(trainer, resume_from, "pt_lora_model", tokenizer, sentencepiece_file(model_args.tokenizer_name_or_path))
+        finish_from_checkpoint(
+            trainer, resume_from, "pt_lora_model", tokenizer, sentencepiece_file(model_args.tokenizer_name_or_path)
+        )
     elif training_args.do_train:
         metrics.update(train_and_log(trainer, training_args, resume_from, len(train_data)))
     if training_args.do_eval:
@@ -268,15 +324,30 @@ def pretrain(model_args, data_args, lora_args, training_args) -> RunResult:
         metrics.update(evaluate_and_log(trainer, len(eval_data)))
     # 5. Report: report.json / report.md / loss.png, and one summary line.
     if training_args.should_save:
-        tokens_per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size * block_size
+        tokens_per_step = (
+            training_args.per_device_train_batch_size
+            * training_args.gradient_accumulation_steps
+            * training_args.world_size
+            * block_size
+        )
         report = build_report(
-            "pretrain", trainer, stats,
+            "pretrain",
+            trainer,
+            stats,
             vocabulary={"model": model_vocab_size(config), "tokenizer": len(tokenizer), "mode": purpose},
-            parameters=(trainable, total), throughput=throughput, tokens_per_step=tokens_per_step,
-            extra={"resumed_from": resume_from, "adapter": str(Path(training_args.output_dir) / "pt_lora_model") if training_args.do_train else None},
+            parameters=(trainable, total),
+            throughput=throughput,
+            tokens_per_step=tokens_per_step,
+            extra={
+                "resumed_from": resume_from,
+                "adapter": str(Path(training_args.output_dir) / "pt_lora_model") if training_args.do_train else None,
+            },
         )
         report_path = write_report(training_args.output_dir, report, trainer.state.log_history)
-        print(f"zhtrain pretrain: done in {time.perf_counter() - started:.0f}s; {summary_line(report)}; report in {report_path}", flush=True)
+        print(
+            f"zhtrain pretrain: done in {time.perf_counter() - started:.0f}s; {summary_line(report)}; report in {report_path}",
+            flush=True,
+        )
     return RunResult(metrics, trainer)
 
 

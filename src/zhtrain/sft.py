@@ -106,43 +106,76 @@ DEFAULT_MAX_LENGTH = 512  # both seeds' default (FastChat model_max_length, Chin
 
 @dataclass
 class SftDataArguments:
-    data_path: Optional[str] = field(default=None, metadata={"help": "FastChat: training data, a JSON/JSONL file (or comma-separated files, or a folder)."})
+    data_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "FastChat: training data, a JSON/JSONL file (or comma-separated files, or a folder)."},
+    )
     eval_data_path: Optional[str] = field(default=None, metadata={"help": "FastChat: evaluation data file."})
-    dataset_dir: Optional[str] = field(default=None, metadata={"help": "Chinese-Alpaca: a folder of *.json / *.jsonl training files."})
+    dataset_dir: Optional[str] = field(
+        default=None, metadata={"help": "Chinese-Alpaca: a folder of *.json / *.jsonl training files."}
+    )
     validation_file: Optional[str] = field(default=None, metadata={"help": "Chinese-Alpaca: evaluation data file."})
     train_file: Optional[str] = field(default=None, metadata={"help": "Alias of --data_path."})
-    data_format: str = field(default="auto", metadata={"help": "auto | sharegpt (FastChat) | openai (messages) | alpaca."})
+    data_format: str = field(
+        default="auto", metadata={"help": "auto | sharegpt (FastChat) | openai (messages) | alpaca."}
+    )
     template: Optional[str] = field(
         default=None,
-        metadata={"help": "Prompt template: vicuna_v1.1 | alpaca | llama2_chat | tokenizer. Default: alpaca with "
-                  "--dataset_dir (run_sft.sh), vicuna_v1.1 otherwise (FastChat)."},
+        metadata={
+            "help": "Prompt template: vicuna_v1.1 | alpaca | llama2_chat | tokenizer. Default: alpaca with "
+            "--dataset_dir (run_sft.sh), vicuna_v1.1 otherwise (FastChat)."
+        },
     )
-    system_prompt: Optional[str] = field(default=None, metadata={"help": "System prompt for samples without one (default: the template's)."})
-    model_max_length: Optional[int] = field(default=None, metadata={"help": f"Max tokens per sample (FastChat's name; default {DEFAULT_MAX_LENGTH})."})
-    max_seq_length: Optional[int] = field(default=None, metadata={"help": "Chinese-Alpaca's name for --model_max_length."})
-    lazy_preprocess: bool = field(default=False, metadata={"help": "Tokenize each sample when the trainer asks for it, not up front."})
+    system_prompt: Optional[str] = field(
+        default=None, metadata={"help": "System prompt for samples without one (default: the template's)."}
+    )
+    model_max_length: Optional[int] = field(
+        default=None, metadata={"help": f"Max tokens per sample (FastChat's name; default {DEFAULT_MAX_LENGTH})."}
+    )
+    max_seq_length: Optional[int] = field(
+        default=None, metadata={"help": "Chinese-Alpaca's name for --model_max_length."}
+    )
+    lazy_preprocess: bool = field(
+        default=False, metadata={"help": "Tokenize each sample when the trainer asks for it, not up front."}
+    )
     preprocess_only: bool = field(default=False, metadata={"help": "Encode the data, print the summary, and exit."})
-    preprocessed_output: Optional[str] = field(default=None, metadata={"help": "With --preprocess_only: write one JSON line per sample here."})
+    preprocessed_output: Optional[str] = field(
+        default=None, metadata={"help": "With --preprocess_only: write one JSON line per sample here."}
+    )
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many training samples."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many evaluation samples."})
+    max_eval_samples: Optional[int] = field(
+        default=None, metadata={"help": "Use at most this many evaluation samples."}
+    )
     # Accepted so the seed's command lines parse; they did nothing in the seed's SFT either.
-    data_cache_dir: Optional[str] = field(default=None, metadata={"help": "Unused (seed compatibility): encoding is fast and not cached."})
-    preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Unused (seed compatibility): the fast tokenizer batches in parallel."})
+    data_cache_dir: Optional[str] = field(
+        default=None, metadata={"help": "Unused (seed compatibility): encoding is fast and not cached."}
+    )
+    preprocessing_num_workers: Optional[int] = field(
+        default=None, metadata={"help": "Unused (seed compatibility): the fast tokenizer batches in parallel."}
+    )
     overwrite_cache: bool = field(default=False, metadata={"help": "Unused (seed compatibility)."})
-    validation_split_percentage: Optional[float] = field(default=None, metadata={"help": "Unused (seed compatibility): pass --validation_file."})
+    validation_split_percentage: Optional[float] = field(
+        default=None, metadata={"help": "Unused (seed compatibility): pass --validation_file."}
+    )
     keep_linebreaks: bool = field(default=True, metadata={"help": "Unused (seed compatibility)."})
 
     def __post_init__(self):
         for flag in ("max_train_samples", "max_eval_samples", "model_max_length", "max_seq_length"):
             at_least(getattr(self, flag), 1, f"--{flag}")
         if self.preprocessed_output and not self.preprocess_only:
-            raise ZhtrainError("--preprocessed_output is written only with --preprocess_only; add it, or drop --preprocessed_output")
+            raise ZhtrainError(
+                "--preprocessed_output is written only with --preprocess_only; add it, or drop --preprocessed_output"
+            )
 
 
 @dataclass
 class SftLoraArguments(LoraArguments):
-    lora_rank: Optional[int] = field(default=None, metadata={"help": "LoRA rank r. Giving it (or --peft_path) turns LoRA SFT on."})
-    full_finetuning: bool = field(default=False, metadata={"help": "Train all weights even if LoRA flags are given (Chinese-Alpaca-2's flag)."})
+    lora_rank: Optional[int] = field(
+        default=None, metadata={"help": "LoRA rank r. Giving it (or --peft_path) turns LoRA SFT on."}
+    )
+    full_finetuning: bool = field(
+        default=False, metadata={"help": "Train all weights even if LoRA flags are given (Chinese-Alpaca-2's flag)."}
+    )
 
     @property
     def use_lora(self) -> bool:
@@ -164,45 +197,80 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
 
     # 1. Template, tokenizer, data: everything checkable before the model loads.
     template = get_template(data_args.template or ("alpaca" if data_args.dataset_dir else "vicuna_v1.1"))
-    logger.info("template %s%s", template.name, "" if data_args.template else " (default for " + ("--dataset_dir" if data_args.dataset_dir else "--data_path") + ")")
+    logger.info(
+        "template %s%s",
+        template.name,
+        ""
+        if data_args.template
+        else " (default for " + ("--dataset_dir" if data_args.dataset_dir else "--data_path") + ")",
+    )
     config = load_config(model_args)
     max_length = choose_max_length(data_args, config)
-    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path, model_args.use_fast_tokenizer, model_args.trust_remote_code,
-                               model_args.tokenizer_backend)
+    tokenizer = load_tokenizer(
+        model_args.tokenizer_name_or_path,
+        model_args.use_fast_tokenizer,
+        model_args.trust_remote_code,
+        model_args.tokenizer_backend,
+    )
     logger.info(choose_pad_token(tokenizer))
     train_files, eval_files = data_files(data_args)
     if training_args.do_eval and not eval_files and not data_args.preprocess_only:
         raise ZhtrainError("--do_eval needs evaluation data: pass --validation_file or --eval_data_path")
     check_vocabulary(model_vocab_size(config), len(tokenizer))
     if lora_args.use_lora and training_args.fsdp:
-        raise ZhtrainError("--fsdp with LoRA: an adapter is small; use DDP or --deepspeed for LoRA SFT, FSDP for full fine-tuning")
+        raise ZhtrainError(
+            "--fsdp with LoRA: an adapter is small; use DDP or --deepspeed for LoRA SFT, FSDP for full fine-tuning"
+        )
     if lora_args.use_lora and lora_args.peft_path:
         check_adapter_folder(lora_args.peft_path, "--peft_path")
     if data_args.preprocessed_output:
-        check_output_file(data_args.preprocessed_output, "--preprocessed_output", [("a data file", file) for file in train_files + eval_files])
+        check_output_file(
+            data_args.preprocessed_output,
+            "--preprocessed_output",
+            [("a data file", file) for file in train_files + eval_files],
+        )
     elif not data_args.preprocess_only:
-        check_output_keeps_inputs(training_args.output_dir, model_args, lora_args, "sft_lora_model")  # every rank: paths only
+        check_output_keeps_inputs(
+            training_args.output_dir, model_args, lora_args, "sft_lora_model"
+        )  # every rank: paths only
         if training_args.should_save:
             check_writable(training_args.output_dir, "--output_dir")
     train_convs = load_conversations(train_files, data_args.data_format)[: data_args.max_train_samples]
     unanswered = sum(c.unanswered for c in train_convs)
     if unanswered:
         logger.info("%d final user messages without a reply are left out (nothing to train on them)", unanswered)
-    eval_convs = load_conversations(eval_files, data_args.data_format)[: data_args.max_eval_samples] if eval_files else None
+    eval_convs = (
+        load_conversations(eval_files, data_args.data_format)[: data_args.max_eval_samples] if eval_files else None
+    )
 
     # 2. Encode: ids and masks segment by segment (lazily: in __getitem__).
     started = time.perf_counter()
     if data_args.lazy_preprocess and not data_args.preprocess_only:
-        encode_conversations(train_convs[:1], tokenizer, template, max_length, data_args.system_prompt)  # fail fast on the template
+        encode_conversations(
+            train_convs[:1], tokenizer, template, max_length, data_args.system_prompt
+        )  # fail fast on the template
         train_data = LazySupervisedDataset(train_convs, tokenizer, template, max_length, data_args.system_prompt)
-        eval_data = LazySupervisedDataset(eval_convs, tokenizer, template, max_length, data_args.system_prompt) if eval_convs else None
+        eval_data = (
+            LazySupervisedDataset(eval_convs, tokenizer, template, max_length, data_args.system_prompt)
+            if eval_convs
+            else None
+        )
         if training_args.train_sampling_strategy == "group_by_length":
-            logger.warning("--group_by_length needs every sample's length: with --lazy_preprocess each sample is tokenized once more up front for it")
+            logger.warning(
+                "--group_by_length needs every sample's length: with --lazy_preprocess each sample is tokenized once more up front for it"
+            )
         summaries = {}
-        logger.info("data: %d conversations, encoded lazily when the trainer asks (truncated or dropped samples are reported then)", len(train_convs))
+        logger.info(
+            "data: %d conversations, encoded lazily when the trainer asks (truncated or dropped samples are reported then)",
+            len(train_convs),
+        )
     else:
         train_samples = encode_conversations(train_convs, tokenizer, template, max_length, data_args.system_prompt)
-        eval_samples = encode_conversations(eval_convs, tokenizer, template, max_length, data_args.system_prompt) if eval_convs else []
+        eval_samples = (
+            encode_conversations(eval_convs, tokenizer, template, max_length, data_args.system_prompt)
+            if eval_convs
+            else []
+        )
         flag = "--max_seq_length" if data_args.max_seq_length else "--model_max_length"
         summaries = {"train": summarize(train_samples, "train", max_length, flag, train_files)}
         if eval_samples:
@@ -215,7 +283,9 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
         if data_args.preprocess_only:
             return finish_preprocess_only(data_args, training_args, summaries, train_samples + eval_samples, seconds)
 
-    resume_from = prepare_output_dir(training_args, run_identity(model_args, train_files, template.name, max_length, lora_args))
+    resume_from = prepare_output_dir(
+        training_args, run_identity(model_args, train_files, template.name, max_length, lora_args)
+    )
     rotation_limit = apply_overrides(model_args, lora_args, training_args)
 
     # 3. Model: load, then LoRA over the frozen base or every weight trained.
@@ -237,27 +307,57 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
     collator = PadToLongest(tokenizer.pad_token_id)
     # FastChat's train.py always trains and passes no --do_train: train unless only --do_eval was asked.
     do_train = training_args.do_train or not training_args.do_eval
-    trainer = build_trainer(model, training_args, train_data if do_train else None, eval_data, tokenizer, callbacks, rotation_limit, collator)
+    trainer = build_trainer(
+        model,
+        training_args,
+        train_data if do_train else None,
+        eval_data,
+        tokenizer,
+        callbacks,
+        rotation_limit,
+        collator,
+    )
     metrics: dict = {"trainable_parameters": trainable, "resumed_from": resume_from, "template": template.name}
     data_summaries = {name: {k: v for k, v in vars(s).items() if k != "reasons"} for name, s in summaries.items()}
-    metrics.update({f"{name}_{key}": value for name, summary in data_summaries.items() for key, value in summary.items()})
+    metrics.update(
+        {f"{name}_{key}": value for name, summary in data_summaries.items() for key, value in summary.items()}
+    )
     if do_train:
         train = train_lora if lora_args.use_lora else train_full
-        metrics.update(train(trainer, training_args, resume_from, len(train_data), tokenizer, sp_model, template.name,
-                             data_args.system_prompt))
+        metrics.update(
+            train(
+                trainer,
+                training_args,
+                resume_from,
+                len(train_data),
+                tokenizer,
+                sp_model,
+                template.name,
+                data_args.system_prompt,
+            )
+        )
     if training_args.do_eval:
         metrics.update(evaluate_and_log(trainer, len(eval_data)))
     if training_args.should_save:  # report.md / report.json / loss.png and the summary line
         where = Path(training_args.output_dir) / ("sft_lora_model" if lora_args.use_lora else "")
         report = build_report(
-            "sft", trainer, data_summaries,
+            "sft",
+            trainer,
+            data_summaries,
             vocabulary={"model": model_vocab_size(config), "tokenizer": len(tokenizer), "template": template.name},
-            parameters=(trainable, total), throughput=throughput,
-            extra={"resumed_from": resume_from, ("adapter" if lora_args.use_lora else "model"): str(where) if do_train else None},
+            parameters=(trainable, total),
+            throughput=throughput,
+            extra={
+                "resumed_from": resume_from,
+                ("adapter" if lora_args.use_lora else "model"): str(where) if do_train else None,
+            },
         )
         report_path = write_report(training_args.output_dir, report, trainer.state.log_history)
-        print(f"zhtrain sft: done in {time.perf_counter() - run_started:.0f}s; {summary_line(report)} (template {template.name}); "
-              f"report in {report_path}", flush=True)
+        print(
+            f"zhtrain sft: done in {time.perf_counter() - run_started:.0f}s; {summary_line(report)} (template {template.name}); "
+            f"report in {report_path}",
+            flush=True,
+        )
     return RunResult(metrics, trainer)
 
 
@@ -272,15 +372,23 @@ def choose_max_length(data_args, config) -> int:
     if length < 2:
         raise ZhtrainError(f"--model_max_length {length}: must be at least 2 tokens")
     if context and length > context:
-        raise ZhtrainError(f"--model_max_length {length} is larger than the model's context ({context} positions); use {context} or less")
+        raise ZhtrainError(
+            f"--model_max_length {length} is larger than the model's context ({context} positions); use {context} or less"
+        )
     return length
 
 
 def data_files(data_args) -> tuple[list[Path], list[Path]]:
-    sources = [(data_args.data_path, "--data_path"), (data_args.train_file, "--train_file"), (data_args.dataset_dir, "--dataset_dir")]
+    sources = [
+        (data_args.data_path, "--data_path"),
+        (data_args.train_file, "--train_file"),
+        (data_args.dataset_dir, "--dataset_dir"),
+    ]
     given = [(value, flag) for value, flag in sources if value]
     if not given:
-        raise ZhtrainError("no training data: pass --data_path FILE (FastChat) or --dataset_dir FOLDER (Chinese-Alpaca)")
+        raise ZhtrainError(
+            "no training data: pass --data_path FILE (FastChat) or --dataset_dir FOLDER (Chinese-Alpaca)"
+        )
     if len(given) > 1:
         raise ZhtrainError(f"{' and '.join(flag for _, flag in given)} both given; pass one source of training data")
     train = find_data_files(*given[0])
@@ -297,15 +405,24 @@ def finish_preprocess_only(data_args, training_args, summaries, samples, seconds
     if training_args.should_log:
         for name, summary in summaries.items():
             print(f"zhtrain sft: {summary.line(name)}", flush=True)
-        print(f"zhtrain sft: encoded {len(samples)} samples in {seconds:.2f} s ({len(samples) / max(seconds, 1e-9):.0f} samples/s)"
-              + (f"; written to {data_args.preprocessed_output}" if data_args.preprocessed_output else ""), flush=True)
-    metrics = {f"{name}_{key}": value for name, s in summaries.items() for key, value in vars(s).items() if key != "reasons"}
+        print(
+            f"zhtrain sft: encoded {len(samples)} samples in {seconds:.2f} s ({len(samples) / max(seconds, 1e-9):.0f} samples/s)"
+            + (f"; written to {data_args.preprocessed_output}" if data_args.preprocessed_output else ""),
+            flush=True,
+        )
+    metrics = {
+        f"{name}_{key}": value for name, s in summaries.items() for key, value in vars(s).items() if key != "reasons"
+    }
     return RunResult(dict(metrics, preprocess_seconds=seconds))
 
 
 def run_identity(model_args, files, template: str, max_length: int, lora_args) -> dict:
     """What must match for checkpoints in --output_dir to be resumed by this run."""
-    lora = [lora_args.trainable, lora_args.lora_rank, lora_args.lora_alpha, lora_args.modules_to_save, lora_args.peft_path] if lora_args.use_lora else "full"
+    lora = (
+        [lora_args.trainable, lora_args.lora_rank, lora_args.lora_alpha, lora_args.modules_to_save, lora_args.peft_path]
+        if lora_args.use_lora
+        else "full"
+    )
     return {
         "model": str(Path(model_args.model_name_or_path).resolve()),
         "tokenizer": str(Path(model_args.tokenizer_name_or_path).resolve()),
@@ -323,7 +440,9 @@ def modules_to_save(lora_args) -> list[str]:
         try:
             return list(json.loads(config.read_text(encoding="utf-8")).get("modules_to_save") or [])
         except (OSError, ValueError) as err:
-            raise ZhtrainError(f"--peft_path {lora_args.peft_path}: cannot read adapter_config.json ({err}); pass a LoRA adapter folder") from err
+            raise ZhtrainError(
+                f"--peft_path {lora_args.peft_path}: cannot read adapter_config.json ({err}); pass a LoRA adapter folder"
+            ) from err
     return lora_args.modules_to_save_list
 
 
@@ -342,11 +461,15 @@ def apply_overrides(model_args, lora_args, training_args) -> Optional[int]:
     """Every setting `zhtrain sft` changes from what the flags say, each logged in one line. Returns the
     checkpoint rotation limit (see checkpoints.take_over_rotation)."""
     if not lora_args.use_lora and model_args.torch_dtype is None:
-        logger.info("full fine-tuning loads float32 weights (--torch_dtype not given): fp32 master weights, --bf16/--fp16 "
-                    "add autocast")
+        logger.info(
+            "full fine-tuning loads float32 weights (--torch_dtype not given): fp32 master weights, --bf16/--fp16 "
+            "add autocast"
+        )
         model_args.torch_dtype = "float32"
     if training_args.include_num_input_tokens_seen == "no":
-        logger.info("--include_num_input_tokens_seen no -> non_padding: the report's tokens/s counts the non-padding tokens")
+        logger.info(
+            "--include_num_input_tokens_seen no -> non_padding: the report's tokens/s counts the non-padding tokens"
+        )
         training_args.include_num_input_tokens_seen = "non_padding"
     return take_over_rotation(training_args, logger)
 
@@ -358,9 +481,13 @@ def build_lora_model(model, tokenizer, model_args, lora_args, training_args):
     init = model_args.new_token_init if {"embed_tokens", "lm_head"} <= set(fully_trained) else "mean"
     grows = len(tokenizer) > model_vocab_size(model.config)
     base_tokenizer = load_base_tokenizer(model_args, tokenizer) if init in NEEDS_BASE_TOKENIZER and grows else None
-    grew = fit_vocabulary(model, tokenizer, untie="lm_head" in fully_trained, new_token_init=init, base_tokenizer=base_tokenizer)
+    grew = fit_vocabulary(
+        model, tokenizer, untie="lm_head" in fully_trained, new_token_init=init, base_tokenizer=base_tokenizer
+    )
     if grew and "embed_tokens" not in fully_trained:
-        logger.warning("the new tokens' embedding rows stay untrained under LoRA; add --modules_to_save embed_tokens,lm_head to train them")
+        logger.warning(
+            "the new tokens' embedding rows stay untrained under LoRA; add --modules_to_save embed_tokens,lm_head to train them"
+        )
     model = apply_lora(model, lora_args, training_args.gradient_checkpointing)
     if (training_args.fp16 or training_args.bf16) and not training_args.deepspeed:
         cast_trainable_to_fp32(model)
@@ -374,8 +501,11 @@ def build_full_model(model, tokenizer, model_args, lora_args, training_args):
     init = model_args.new_token_init
     base_tokenizer = load_base_tokenizer(model_args, tokenizer) if init in NEEDS_BASE_TOKENIZER and grows else None
     fit_vocabulary(model, tokenizer, untie=False, new_token_init=init, base_tokenizer=base_tokenizer)
-    logger.info("full fine-tuning (%s): the model goes to %s",
-                "--full_finetuning" if lora_args.full_finetuning else "no --lora_rank/--peft_path", training_args.output_dir)
+    logger.info(
+        "full fine-tuning (%s): the model goes to %s",
+        "--full_finetuning" if lora_args.full_finetuning else "no --lora_rank/--peft_path",
+        training_args.output_dir,
+    )
     if training_args.fsdp:
         classes = sharded.layer_classes(model, (training_args.fsdp_config or {}).get("transformer_layer_cls_to_wrap"))
         training_args.fsdp_plugin_args["transformer_cls_names_to_wrap"] = ",".join(c.__name__ for c in classes)

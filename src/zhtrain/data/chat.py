@@ -58,7 +58,9 @@ def find_data_files(spec: Optional[str], flag: str) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES and p.is_file())
             if not found:
-                raise ZhtrainError(f"{flag} {path}: no *.json or *.jsonl files in this folder; add your data files there")
+                raise ZhtrainError(
+                    f"{flag} {path}: no *.json or *.jsonl files in this folder; add your data files there"
+                )
             files += found
         elif path.is_file():
             files.append(path)
@@ -67,7 +69,9 @@ def find_data_files(spec: Optional[str], flag: str) -> list[Path]:
     return files
 
 
-def load_conversations(files: list[Path], data_format: str = "auto", stats: Optional[LoadStats] = None) -> list[Conversation]:
+def load_conversations(
+    files: list[Path], data_format: str = "auto", stats: Optional[LoadStats] = None
+) -> list[Conversation]:
     """Read and check every record of every file; an empty result is an error."""
     data_format = normalize_format(data_format)
     stats = stats if stats is not None else LoadStats()
@@ -150,7 +154,9 @@ def _read_json_list(path: Path, text: str, start: int) -> Iterator[tuple[int, ob
             except json.JSONDecodeError as err:
                 raise ZhtrainError(f"{path}: line {lines.at(err.pos)}: invalid JSON ({err.msg}); fix the file") from err
             except RecursionError as err:
-                raise ZhtrainError(f"{path}: line {lines.at(position)}: JSON nested too deeply to be a record; fix the file") from err
+                raise ZhtrainError(
+                    f"{path}: line {lines.at(position)}: JSON nested too deeply to be a record; fix the file"
+                ) from err
             yield lines.at(position), value
             position = _skip_space(text, end)
             if position < len(text) and text[position] == ",":
@@ -159,7 +165,11 @@ def _read_json_list(path: Path, text: str, start: int) -> Iterator[tuple[int, ob
                 position += 1
                 break
             else:
-                what = "the list is not closed (missing ']')" if position >= len(text) else "expected ',' or ']' after a record"
+                what = (
+                    "the list is not closed (missing ']')"
+                    if position >= len(text)
+                    else "expected ',' or ']' after a record"
+                )
                 raise ZhtrainError(f"{path}: line {lines.at(position)}: invalid JSON ({what}); fix the file")
     rest = _skip_space(text, position)
     if rest < len(text):
@@ -214,11 +224,15 @@ def to_conversation(record: dict, data_format: str, where: str, default_id: str)
         messages = _alpaca_messages(record, where)
     else:
         key, role_key, text_key, roles = (
-            ("conversations", "from", "value", SHAREGPT_ROLES) if data_format == "sharegpt" else ("messages", "role", "content", OPENAI_ROLES)
+            ("conversations", "from", "value", SHAREGPT_ROLES)
+            if data_format == "sharegpt"
+            else ("messages", "role", "content", OPENAI_ROLES)
         )
         turns = record.get(key)
         if not isinstance(turns, list):
-            raise ZhtrainError(f"{where}: '{key}' must be a list of messages (this file is read as {data_format}); fix the record or pass --data_format")
+            raise ZhtrainError(
+                f"{where}: '{key}' must be a list of messages (this file is read as {data_format}); fix the record or pass --data_format"
+            )
         messages = [_message(turn, k, role_key, text_key, roles, where) for k, turn in enumerate(turns)]
     unanswered = 0
     while messages and messages[-1]["role"] == "user":
@@ -245,7 +259,10 @@ def _alpaca_messages(record: dict, where: str) -> list[dict]:
         raise ZhtrainError(f"{where}: 'input' must be a string, not {type(extra).__name__}; fix the record")
     if extra.strip():
         instruction = f"{instruction}\n{extra}"  # the reference's joining (no separate Input section)
-    messages = [{"role": "user", "content": instruction}, {"role": "assistant", "content": _text(record.get("output"), where, "output")}]
+    messages = [
+        {"role": "user", "content": instruction},
+        {"role": "assistant", "content": _text(record.get("output"), where, "output")},
+    ]
     if record.get("system"):
         messages.insert(0, {"role": "system", "content": _text(record["system"], where, "system")})
     return messages

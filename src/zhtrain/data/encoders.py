@@ -181,7 +181,9 @@ def choose_encoder(tokenizer, sample: Sequence[str], threads: int = 1) -> Encode
     for encoder in candidate_encoders(tokenizer, threads):
         problem = first_mismatch(encoder, reference, lines)
         if problem is None:
-            logger.info("tokenizing with %s (same ids as the HF tokenizer on %d sample lines)", encoder.name, len(lines))
+            logger.info(
+                "tokenizing with %s (same ids as the HF tokenizer on %d sample lines)", encoder.name, len(lines)
+            )
             return encoder
         logger.warning("not tokenizing with %s: %s; trying the next path", encoder.name, problem)
     logger.info("tokenizing with the HF tokenizer")

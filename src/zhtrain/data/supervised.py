@@ -118,7 +118,9 @@ def describe_files(files) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def summarize(samples: list[EncodedSample], name: str, max_length: int, flag: str = "--model_max_length", files=()) -> Summary:
+def summarize(
+    samples: list[EncodedSample], name: str, max_length: int, flag: str = "--model_max_length", files=()
+) -> Summary:
     """Count, report each truncated/dropped sample (the first MAX_REPORTED), fail if nothing is left
     (naming `files`, where the samples came from)."""
     summary = Summary()
@@ -131,10 +133,19 @@ def summarize(samples: list[EncodedSample], name: str, max_length: int, flag: st
             if sample.dropped:
                 logger.warning("%s sample %s dropped: %s", name, sample.id, sample.dropped)
             else:
-                logger.warning("%s sample %s truncated: %d tokens cut to fit %s %d", name, sample.id, sample.truncated, flag, max_length)
+                logger.warning(
+                    "%s sample %s truncated: %d tokens cut to fit %s %d",
+                    name,
+                    sample.id,
+                    sample.truncated,
+                    flag,
+                    max_length,
+                )
     rest = flagged - reported
     if rest > 0:
-        logger.warning("%s: %d more truncated/dropped samples (--preprocess_only --preprocessed_output lists them all)", name, rest)
+        logger.warning(
+            "%s: %d more truncated/dropped samples (--preprocess_only --preprocessed_output lists them all)", name, rest
+        )
     if summary.samples and summary.dropped == summary.samples:
         raise ZhtrainError(
             f"{name}{' (' + describe_files(files) + ')' if files else ''}: all {summary.samples} samples were dropped: their prompts alone do not fit {flag} {max_length}; "
@@ -148,7 +159,13 @@ def write_preprocessed(samples: list[EncodedSample], path: Path) -> Path:
     path = Path(path)
     with write_aside(path) as tmp, tmp.open("w", encoding="utf-8") as out:
         for s in samples:
-            record = {"id": s.id, "input_ids": s.input_ids, "labels": s.labels, "dropped": s.dropped, "truncated": s.truncated}
+            record = {
+                "id": s.id,
+                "input_ids": s.input_ids,
+                "labels": s.labels,
+                "dropped": s.dropped,
+                "truncated": s.truncated,
+            }
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
 
@@ -175,7 +192,14 @@ class LazySupervisedDataset(Dataset):
     """Tokenizes in `__getitem__`. A sample found to have nothing to train is reported once and
     replaced by the next trainable one (its absence cannot be known before tokenizing)."""
 
-    def __init__(self, conversations: list[Conversation], tokenizer, template: Template, max_length: int, system: Optional[str] = None):
+    def __init__(
+        self,
+        conversations: list[Conversation],
+        tokenizer,
+        template: Template,
+        max_length: int,
+        system: Optional[str] = None,
+    ):
         self.conversations = conversations
         self.tokenizer, self.template, self.max_length, self.system = tokenizer, template, max_length, system
         self.dropped: set[int] = set()
@@ -185,7 +209,9 @@ class LazySupervisedDataset(Dataset):
         return len(self.conversations)
 
     def encode(self, index: int) -> EncodedSample:
-        return encode_conversations([self.conversations[index]], self.tokenizer, self.template, self.max_length, self.system)[0]
+        return encode_conversations(
+            [self.conversations[index]], self.tokenizer, self.template, self.max_length, self.system
+        )[0]
 
     def __getitem__(self, index: int) -> dict:
         for step in range(len(self.conversations)):
@@ -193,13 +219,17 @@ class LazySupervisedDataset(Dataset):
             sample = self.encode(current)
             if sample.truncated and not sample.dropped and current not in self.truncated:
                 self.truncated.add(current)
-                logger.warning("sample %s truncated: %d tokens cut to fit %d", sample.id, sample.truncated, self.max_length)
+                logger.warning(
+                    "sample %s truncated: %d tokens cut to fit %d", sample.id, sample.truncated, self.max_length
+                )
             if not sample.dropped:
                 return {"input_ids": sample.input_ids, "labels": sample.labels}
             if current not in self.dropped:
                 self.dropped.add(current)
                 logger.warning("sample %s dropped: %s; the next sample takes its place", sample.id, sample.dropped)
-        raise ZhtrainError(f"all {len(self.conversations)} samples were dropped: their prompts alone exceed {self.max_length} tokens")
+        raise ZhtrainError(
+            f"all {len(self.conversations)} samples were dropped: their prompts alone exceed {self.max_length} tokens"
+        )
 
 
 class PadToLongest:
@@ -242,4 +272,6 @@ def choose_pad_token(tokenizer) -> str:
         if token is not None:
             tokenizer.pad_token = token
             return f"pad token {token!r} (the tokenizer has no pad token; its {name[:3]} is used, masked everywhere)"
-    raise ZhtrainError(f"tokenizer {tokenizer.name_or_path}: no pad, unk or eos token to pad batches with; add a pad token to the tokenizer")
+    raise ZhtrainError(
+        f"tokenizer {tokenizer.name_or_path}: no pad, unk or eos token to pad batches with; add a pad token to the tokenizer"
+    )

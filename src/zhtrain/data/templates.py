@@ -129,7 +129,9 @@ class Template:
             probe = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}]
             ends = [s for s in _chat_template_segments(tokenizer, probe, self.name, False) if s.trained]
             ids = [i for ids, _ in encode_segments(tokenizer, ends) for i in ids]
-            special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+            special = set(tokenizer.all_special_ids) | {
+                i for i, t in tokenizer.added_tokens_decoder.items() if t.special
+            }
             found = [i for i in ids if i in special]
             return sorted(set(found + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])))
         return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -213,8 +215,15 @@ def encode_segments_batch(tokenizer, samples: list[list[Segment]]) -> list[list[
     """`encode_segments` for many samples, with one batched tokenizer call (fast tokenizers run it in parallel)."""
     token_ids = {}
     for parse in (False, True):
-        texts = [s.text for segments in samples for s in segments if s.special is None and s.text and s.parse_special == parse]
-        encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=not parse)["input_ids"] if texts else []
+        texts = [
+            s.text
+            for segments in samples
+            for s in segments
+            if s.special is None and s.text and s.parse_special == parse
+        ]
+        encoded = (
+            tokenizer(texts, add_special_tokens=False, split_special_tokens=not parse)["input_ids"] if texts else []
+        )
         token_ids[parse] = iter(encoded)
     out = []
     for segments in samples:
@@ -224,7 +233,9 @@ def encode_segments_batch(tokenizer, samples: list[list[Segment]]) -> list[list[
                 ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
             elif segment.special == EOS:
                 if tokenizer.eos_token_id is None:
-                    raise ZhtrainError(f"tokenizer {tokenizer.name_or_path}: no eos_token; a reply needs an end token to learn to stop")
+                    raise ZhtrainError(
+                        f"tokenizer {tokenizer.name_or_path}: no eos_token; a reply needs an end token to learn to stop"
+                    )
                 ids = [tokenizer.eos_token_id]
             else:
                 ids = next(token_ids[segment.parse_special]) if segment.text else []
@@ -234,7 +245,9 @@ def encode_segments_batch(tokenizer, samples: list[list[Segment]]) -> list[list[
     return out
 
 
-def split_turns(messages: Messages, template: str, for_generation: bool) -> tuple[Optional[str], list[tuple[str, Optional[str]]]]:
+def split_turns(
+    messages: Messages, template: str, for_generation: bool
+) -> tuple[Optional[str], list[tuple[str, Optional[str]]]]:
     """(system or None, [(user, assistant or None)]), checking the shape every template relies on."""
     if not messages:
         raise ZhtrainError("empty conversation: at least one user message is needed")
@@ -247,7 +260,9 @@ def split_turns(messages: Messages, template: str, for_generation: bool) -> tupl
         role = message.get("role")
         expected = "user" if k % 2 == 0 else "assistant"
         if role != expected:
-            raise ZhtrainError(f"message {k + (system is not None)}: role {role!r} where {expected!r} is expected; roles must alternate user/assistant")
+            raise ZhtrainError(
+                f"message {k + (system is not None)}: role {role!r} where {expected!r} is expected; roles must alternate user/assistant"
+            )
         if expected == "user":
             turns.append((message["content"], None))
         else:
@@ -295,7 +310,9 @@ def _chat_template_segments(tokenizer, messages: Messages, name: str, for_genera
         try:
             return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
         except Exception as err:  # jinja raises its own types (e.g. a template that refuses system messages)
-            raise ZhtrainError(f"--template {name}: the tokenizer's chat_template fails on this conversation ({err}); choose a built-in template") from err
+            raise ZhtrainError(
+                f"--template {name}: the tokenizer's chat_template fails on this conversation ({err}); choose a built-in template"
+            ) from err
 
     specials = sorted(
         set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values() if t.special},

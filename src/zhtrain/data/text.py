@@ -45,6 +45,7 @@ FORMAT_VERSION = 1
 BATCH_BYTES = 1 << 20  # tokenize ~1 MB of text at a time: memory stays flat, batches stay efficient
 SPLIT_SEED = 1234  # fixed so that --seed $RANDOM (as in run_pt.sh) never moves blocks between splits
 
+
 @dataclass
 class CachedFile:
     source: Path
@@ -120,7 +121,9 @@ def iter_blocks(path: Path, batch_bytes: Optional[int] = None) -> Iterator[TextB
     try:
         handle = open(path, "rb")
     except OSError as err:  # unreadable (permissions), vanished, a folder named *.txt
-        raise ZhtrainError(f"{path}: cannot read it ({err.strerror}); check the file and its permissions, or leave it out") from err
+        raise ZhtrainError(
+            f"{path}: cannot read it ({err.strerror}); check the file and its permissions, or leave it out"
+        ) from err
     with handle:
         while True:
             data = handle.read(batch_bytes)
@@ -202,7 +205,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
             digest.update(json.dumps(sorted(tokenizer.get_added_vocab().items())).encode("utf-8"))
         else:
             digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode("utf-8"))
-    digest.update(json.dumps([type(tokenizer).__name__, tokenizer.bos_token_id, tokenizer.eos_token_id, len(tokenizer)]).encode())
+    digest.update(
+        json.dumps([type(tokenizer).__name__, tokenizer.bos_token_id, tokenizer.eos_token_id, len(tokenizer)]).encode()
+    )
     return digest.hexdigest()
 
 
@@ -341,7 +346,11 @@ def build_token_cache(
             maybe_cached = not overwrite and any(cache_dir.glob(f"{glob.escape(path.stem)}-*.json"))
             tokens_path = tokens_path_for(file_digest(path)) if maybe_cached else None
             meta = _read_meta(tokens_path.with_suffix(".json")) if tokens_path is not None else None
-            if meta is not None and tokens_path.exists() and tokens_path.stat().st_size == meta["n_tokens"] * dtype.itemsize:
+            if (
+                meta is not None
+                and tokens_path.exists()
+                and tokens_path.stat().st_size == meta["n_tokens"] * dtype.itemsize
+            ):
                 entry = CachedFile(path, tokens_path, meta["n_tokens"], meta["n_lines"], meta["dtype"], True)
                 progress.update_tokens(entry.n_tokens)
             else:
@@ -352,12 +361,20 @@ def build_token_cache(
                         else hf_encoder(tokenizer)
                     )
                     doc_encoder = DocumentEncoder(encode, tokenizer.bos_token_id, tokenizer.eos_token_id, dtype)
-                tokens_path, n_tokens, n_lines = encode_file_to(path, cache_dir, tokens_path_for, doc_encoder, workers, progress)
+                tokens_path, n_tokens, n_lines = encode_file_to(
+                    path, cache_dir, tokens_path_for, doc_encoder, workers, progress
+                )
                 entry = CachedFile(path, tokens_path, n_tokens, n_lines, dtype.name, False)
                 write_json_atomic(
                     tokens_path.with_suffix(".json"),
-                    {"source": str(path), "n_tokens": n_tokens, "n_lines": n_lines, "dtype": dtype.name,
-                     "tokenizer": fingerprint, "format_version": FORMAT_VERSION},
+                    {
+                        "source": str(path),
+                        "n_tokens": n_tokens,
+                        "n_lines": n_lines,
+                        "dtype": dtype.name,
+                        "tokenizer": fingerprint,
+                        "format_version": FORMAT_VERSION,
+                    },
                 )
                 stats.tokenized_tokens += n_tokens
             progress.next_file()
@@ -392,11 +409,11 @@ def _read_meta(path: Path) -> Optional[dict]:
         return None
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         return None
-    if not all(isinstance(meta.get(key), int) for key in ("n_tokens", "n_lines")) or not isinstance(meta.get("dtype"), str):
+    if not all(isinstance(meta.get(key), int) for key in ("n_tokens", "n_lines")) or not isinstance(
+        meta.get("dtype"), str
+    ):
         return None
     return meta
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,7 +505,9 @@ def load_text_blocks(
     )
     n_blocks = count_blocks(stats.tokens, block_size)
     if stats.tokens < block_size:
-        logger.warning("only %d tokens, fewer than --block_size %d: training on one short block", stats.tokens, block_size)
+        logger.warning(
+            "only %d tokens, fewer than --block_size %d: training on one short block", stats.tokens, block_size
+        )
     train_idx, eval_idx = split_indices(n_blocks, validation_fraction)
     if max_train_samples is not None:
         train_idx = train_idx[:max_train_samples]

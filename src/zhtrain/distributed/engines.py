@@ -88,23 +88,23 @@ def check_deepspeed_config(value, fp16: bool, bf16: bool, on_gpu: bool) -> dict:
     wanted = {"fp16": fp16, "bf16": bf16}
     enabled = {name: (config.get(name) or {}).get("enabled") for name in wanted}  # True / False / "auto" / None
     if enabled["fp16"] is True and enabled["bf16"] is True:
-        raise ZhtrainError(f"{source}: enables both fp16 and bf16; set both to \"auto\" and pass --fp16 or --bf16")
+        raise ZhtrainError(f'{source}: enables both fp16 and bf16; set both to "auto" and pass --fp16 or --bf16')
     for name, value_in_file in enabled.items():  # contradictions first: they are wrong on any machine
         other = "bf16" if name == "fp16" else "fp16"
         if value_in_file is True and not wanted[name]:
             asked = f"--{other}" if wanted[other] else f"no --{name}"
             raise ZhtrainError(
-                f"{source}: {name}.enabled is true but the flags say {asked}; set {name}.enabled to \"auto\" so the "
+                f'{source}: {name}.enabled is true but the flags say {asked}; set {name}.enabled to "auto" so the '
                 f"flags decide, or pass --{name}" + (f" instead of --{other}" if wanted[other] else "")
             )
         if value_in_file is False and wanted[name]:
             raise ZhtrainError(
-                f"{source}: {name}.enabled is false but --{name} was passed; set {name}.enabled to \"auto\" or drop --{name}"
+                f'{source}: {name}.enabled is false but --{name} was passed; set {name}.enabled to "auto" or drop --{name}'
             )
     for name, value_in_file in enabled.items():
         if value_in_file is True and not on_gpu:
             raise ZhtrainError(
-                f"{source}: {name}.enabled is true, which needs a CUDA GPU (none here); set it to \"auto\" so "
+                f'{source}: {name}.enabled is true, which needs a CUDA GPU (none here); set it to "auto" so '
                 "zhtrain trains in float32 on this machine"
             )
     return config
@@ -116,10 +116,14 @@ def explain_deepspeed_mismatches(training_args) -> None:
     hf_config = getattr(training_args, "hf_deepspeed_config", None)
     mismatches = [m.lstrip("- ") for m in getattr(hf_config, "mismatches", [])]
     if mismatches:
-        source = training_args.deepspeed if isinstance(training_args.deepspeed, str) and not training_args.deepspeed.lstrip().startswith("{") else "(inline JSON)"
+        source = (
+            training_args.deepspeed
+            if isinstance(training_args.deepspeed, str) and not training_args.deepspeed.lstrip().startswith("{")
+            else "(inline JSON)"
+        )
         raise ZhtrainError(
             f"--deepspeed {source}: values contradict the flags ({'; '.join(mismatches)}); "
-            "set them to \"auto\" in the file so the flags decide, or change the flags"
+            'set them to "auto" in the file so the flags decide, or change the flags'
         )
 
 
@@ -135,7 +139,9 @@ def prepare_deepspeed(training_args) -> None:
     import deepspeed
 
     _ = training_args.device  # accelerate creates the torch process group first; DeepSpeed wraps it
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=training_args.ddp_timeout_delta)
+    deepspeed.init_distributed(
+        dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=training_args.ddp_timeout_delta
+    )
 
 
 _PEER_FAILURE_SIGNS = ("closed by peer", "reset by peer", "timed out", "timeout", "broken pipe", "watchdog", "nccl")

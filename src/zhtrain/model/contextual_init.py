@@ -122,7 +122,9 @@ def contextual_rows(model, tokenizer, base_tokenizer, pieces: list[list[int]], o
         outputs = None
         if candidates:
             old_states = last_hidden_states(model, bos, [[i] for i in candidates], layer)
-            similarity = torch.nn.functional.normalize(new_states, dim=1) @ torch.nn.functional.normalize(old_states, dim=1).T
+            similarity = (
+                torch.nn.functional.normalize(new_states, dim=1) @ torch.nn.functional.normalize(old_states, dim=1).T
+            )
             nearest = similarity.topk(min(TOP, len(candidates)), dim=1)
             weights = torch.softmax(nearest.values / TEMPERATURE, dim=1)
             table = model.get_output_embeddings().weight.detach()
@@ -130,6 +132,10 @@ def contextual_rows(model, tokenizer, base_tokenizer, pieces: list[list[int]], o
             outputs = torch.einsum("nk,nkd->nd", weights.to(rows.device), rows[nearest.indices.to(rows.device)])
     finally:
         model.train(was_training)
-    logger.info("contextual init: %d new tokens read by the model (hidden state %d), output rows mixed from %d base tokens",
-                len(spelled), layer, len(candidates))
+    logger.info(
+        "contextual init: %d new tokens read by the model (hidden state %d), output rows mixed from %d base tokens",
+        len(spelled),
+        layer,
+        len(candidates),
+    )
     return torch.tensor(spelled), new_states, outputs

@@ -35,8 +35,10 @@ def load_config(model_args):
         try:
             config.update_from_string(model_args.config_overrides)
         except ValueError as err:  # an unknown key or a malformed pair
-            raise ZhtrainError(f"--config_overrides {model_args.config_overrides!r}: {err}; write key=value pairs separated by commas, "
-                               "with keys from the model's config.json") from err
+            raise ZhtrainError(
+                f"--config_overrides {model_args.config_overrides!r}: {err}; write key=value pairs separated by commas, "
+                "with keys from the model's config.json"
+            ) from err
     if model_args.model_name_or_path:
         check_weight_files(Path(model_args.model_name_or_path))
     return config
@@ -63,7 +65,11 @@ def load_base_model(model_args, config, on_gpu: bool):
     from transformers import AutoModelForCausalLM
 
     dtype = resolve_dtype(model_args.torch_dtype, on_gpu)
-    kwargs = dict(config=config, trust_remote_code=model_args.trust_remote_code, attn_implementation=model_args.attn_implementation)
+    kwargs = dict(
+        config=config,
+        trust_remote_code=model_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+    )
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
@@ -96,8 +102,10 @@ def warn_if_pure_half(model, training_args) -> None:
     if training_args.fp16 or training_args.bf16 or training_args.deepspeed:
         return
     if any(p.requires_grad and p.dtype == torch.float16 for p in model.parameters()):
-        logger.warning("--torch_dtype float16 without --fp16: trainable weights stay fp16 with no loss scaling and training "
-                       "may diverge; add --fp16 (as run_pt.sh does) or --bf16, or load float32")
+        logger.warning(
+            "--torch_dtype float16 without --fp16: trainable weights stay fp16 with no loss scaling and training "
+            "may diverge; add --fp16 (as run_pt.sh does) or --bf16, or load float32"
+        )
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -36,10 +36,10 @@ def check_module_names(model, names: list[str], flag: str) -> None:
     for wanted in names:
         pattern = re.compile(rf"(^|\.){re.escape(wanted)}$")
         if not any(pattern.search(name) for name in module_names):
-            leaves = sorted({name.rsplit(".", 1)[-1] for name in module_names if name and not name.split(".")[-1].isdigit()})
-            raise ZhtrainError(
-                f"{flag}: {wanted!r} matches no module of the model; choose from {', '.join(leaves)}"
+            leaves = sorted(
+                {name.rsplit(".", 1)[-1] for name in module_names if name and not name.split(".")[-1].isdigit()}
             )
+            raise ZhtrainError(f"{flag}: {wanted!r} matches no module of the model; choose from {', '.join(leaves)}")
 
 
 def check_lora_flags(config, lora_args, trust_remote_code: bool = False) -> None:
@@ -91,7 +91,9 @@ def apply_lora(model, lora_args, gradient_checkpointing: bool, drop_frozen_copie
     if drop_frozen_copies:
         freed = share_trained_copies(model)
         if freed:
-            logger.info("modules_to_save: PEFT's frozen originals share the trained weights (%.0f MB freed)", freed / 2**20)
+            logger.info(
+                "modules_to_save: PEFT's frozen originals share the trained weights (%.0f MB freed)", freed / 2**20
+            )
     if gradient_checkpointing and not _embeddings_trainable(model):
         # With frozen embeddings the checkpointed blocks' inputs need grad, or backward finds nothing.
         model.enable_input_require_grads()
@@ -167,8 +169,12 @@ def load_peft_adapter(model, path: str, flag: str, shown: Optional[str] = None, 
     except pickle.UnpicklingError as err:
         raise unsafe_pickle_error(f"{flag} {name}", path, err) from None
     except RuntimeError as err:
-        mismatch = re.search(r"size mismatch for (\S+): copying a param with shape (.+?) from checkpoint, "
-                             r"the shape in current model is (.+?)\.?$", str(err), re.M)
+        mismatch = re.search(
+            r"size mismatch for (\S+): copying a param with shape (.+?) from checkpoint, "
+            r"the shape in current model is (.+?)\.?$",
+            str(err),
+            re.M,
+        )
         if mismatch is None:
             raise
         module, theirs, ours = (text.replace("torch.Size(", "").rstrip(")") for text in mismatch.groups())

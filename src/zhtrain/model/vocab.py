@@ -27,7 +27,11 @@ SEED_VOCAB_SIZES = {size for pair in VOCAB_MODES for size in pair}
 
 
 # The seed family's tokenizers by size, so messages can say which tokenizer an adapter needs.
-TOKENIZER_NAMES = {32000: "the original LLaMA tokenizer", 49953: "the Chinese LLaMA tokenizer", 49954: "the Chinese Alpaca tokenizer"}
+TOKENIZER_NAMES = {
+    32000: "the original LLaMA tokenizer",
+    49953: "the Chinese LLaMA tokenizer",
+    49954: "the Chinese Alpaca tokenizer",
+}
 
 
 def describe_tokenizer(size: int) -> str:
@@ -90,7 +94,9 @@ def resize_embeddings(model, new_size: int, init: str = "mean", tokenizer=None, 
     pieces = None
     if init in NEEDS_BASE_TOKENIZER:
         if tokenizer is None or base_tokenizer is None:
-            logger.warning("--new_token_init %s needs the model's own tokenizer; none found, so new rows use mean", init)
+            logger.warning(
+                "--new_token_init %s needs the model's own tokenizer; none found, so new rows use mean", init
+            )
             init = "mean"
         else:
             pieces = subword_pieces(tokenizer, base_tokenizer, old_size, new_size)
@@ -121,10 +127,14 @@ def _contextual_or_none(model, tokenizer, base_tokenizer, pieces: list[list[int]
     """The contextual rows, or None (with the reason logged) where they cannot be written apart."""
 
     if len(_embedding_matrices(model)) < 2:  # tied (or no lm_head): one matrix for both rows
-        logger.warning("--new_token_init contextual needs separate embed_tokens and lm_head (train both); using subword_mean")
+        logger.warning(
+            "--new_token_init contextual needs separate embed_tokens and lm_head (train both); using subword_mean"
+        )
         return None
     if is_zero3_partitioned(model.parameters()):
-        logger.warning("--new_token_init contextual cannot run the model under ZeRO-3 before training; using subword_mean")
+        logger.warning(
+            "--new_token_init contextual cannot run the model under ZeRO-3 before training; using subword_mean"
+        )
         return None
     return contextual_rows(model, tokenizer, base_tokenizer, pieces, old_size)
 
@@ -137,7 +147,9 @@ def init_new_rows(embedding: torch.Tensor, old_size: int, pieces: Optional[list[
     if spelled:
         flat = torch.tensor([i for k in spelled for i in pieces[k]], device=old.device)
         offsets = torch.tensor([0] + [len(pieces[k]) for k in spelled[:-1]], device=old.device).cumsum(0)
-        new[torch.tensor(spelled, device=old.device)] = torch.nn.functional.embedding_bag(flat, old, offsets, mode="mean")
+        new[torch.tensor(spelled, device=old.device)] = torch.nn.functional.embedding_bag(
+            flat, old, offsets, mode="mean"
+        )
     embedding[old_size:] = new.to(embedding.dtype)
 
 
@@ -168,7 +180,9 @@ def _base_splitter(base_tokenizer):
     if backend is not None:
         model = backend.model
         return lambda piece: [part.id for part in model.tokenize(piece)]
-    return lambda piece: base_tokenizer.encode(base_tokenizer.convert_tokens_to_string([piece]), add_special_tokens=False)
+    return lambda piece: base_tokenizer.encode(
+        base_tokenizer.convert_tokens_to_string([piece]), add_special_tokens=False
+    )
 
 
 def _embedding_matrices(model) -> list[torch.Tensor]:
@@ -213,4 +227,6 @@ def fit_vocabulary(model, tokenizer, untie: bool, new_token_init: str = "mean", 
     # Untied first, so that an init may give a new token different input and output rows.
     if untie and untie_embeddings(model):
         logger.info("embed_tokens and lm_head were tied; untied so both can be trained (tie_word_embeddings=false)")
-    return resize_embeddings(model, len(tokenizer), init=new_token_init, tokenizer=tokenizer, base_tokenizer=base_tokenizer)
+    return resize_embeddings(
+        model, len(tokenizer), init=new_token_init, tokenizer=tokenizer, base_tokenizer=base_tokenizer
+    )

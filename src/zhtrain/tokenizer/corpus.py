@@ -19,7 +19,9 @@ from zhtrain.errors import ZhtrainError
 def corpus_files(paths: Sequence[str]) -> list[Path]:
     """The files named, and every `*.txt` inside each folder named (sorted)."""
     if not paths:
-        raise ZhtrainError("--corpus is required: text files, or folders of *.txt files, one sentence or paragraph per line")
+        raise ZhtrainError(
+            "--corpus is required: text files, or folders of *.txt files, one sentence or paragraph per line"
+        )
     files: list[Path] = []
     for given in paths:
         path = Path(given)
@@ -48,7 +50,9 @@ def require_text(files: Sequence[Path]) -> None:
         for _ in iter_line_batches(path, batch_bytes=1 << 16):
             return
     names = ", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else "")
-    raise ZhtrainError(f"--corpus {names}: no text (empty or blank lines only); pass files with one sentence or paragraph per line")
+    raise ZhtrainError(
+        f"--corpus {names}: no text (empty or blank lines only); pass files with one sentence or paragraph per line"
+    )
 
 
 @dataclass

@@ -24,7 +24,9 @@ def check_output_dir(output_dir: Optional[str], overwrite: bool, inputs=()) -> P
         raise ZhtrainError(f"--output_dir {dest}: is a file; choose a folder path")
     check_not_an_input(output_dir, "--output_dir", inputs)
     if dest.is_dir() and any(dest.iterdir()) and not overwrite:
-        raise ZhtrainError(f"--output_dir {dest}: already exists; pass --overwrite to replace it, or choose another folder")
+        raise ZhtrainError(
+            f"--output_dir {dest}: already exists; pass --overwrite to replace it, or choose another folder"
+        )
     check_writable(dest, "--output_dir")
     return dest.resolve()
 

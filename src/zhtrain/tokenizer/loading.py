@@ -38,19 +38,29 @@ def load_tokenizer(path: Optional[str], use_fast: bool = True, trust_remote_code
     if not folder.is_dir():
         raise ZhtrainError(f"tokenizer {path}: no such folder; pass a folder with tokenizer.json or tokenizer.model")
     if backend == "sentencepiece" and not (folder / "tokenizer.model").is_file():
-        raise ZhtrainError(f"tokenizer {folder}: --tokenizer_backend sentencepiece needs a tokenizer.model in the folder")
+        raise ZhtrainError(
+            f"tokenizer {folder}: --tokenizer_backend sentencepiece needs a tokenizer.model in the folder"
+        )
     damaged = damaged_sentencepiece_model(folder) if not (folder / "tokenizer.json").is_file() else None
     if damaged:  # what transformers would build the tokenizer from; its own error points at converters (tiktoken)
-        raise ZhtrainError(f"{folder / 'tokenizer.model'}: not a SentencePiece model ({damaged}); restore the file saved with the tokenizer")
+        raise ZhtrainError(
+            f"{folder / 'tokenizer.model'}: not a SentencePiece model ({damaged}); restore the file saved with the tokenizer"
+        )
     try:
         if backend == "sentencepiece" or (backend == "auto" and is_llama_sentencepiece_folder(folder)):
             tokenizer = SentencePieceLlamaTokenizer.from_pretrained(str(folder))  # the seed's ids (see sp_tokenizer.py)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), use_fast=use_fast, trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(folder), use_fast=use_fast, trust_remote_code=trust_remote_code
+            )
     except (OSError, ValueError, TypeError, RuntimeError) as err:
-        raise ZhtrainError(f"tokenizer {folder}: cannot load ({err}); it needs tokenizer.json or tokenizer.model") from err
+        raise ZhtrainError(
+            f"tokenizer {folder}: cannot load ({err}); it needs tokenizer.json or tokenizer.model"
+        ) from err
     if len(tokenizer) < 10:
-        raise ZhtrainError(f"tokenizer {folder}: loaded only {len(tokenizer)} tokens; the folder's files are incomplete")
+        raise ZhtrainError(
+            f"tokenizer {folder}: loaded only {len(tokenizer)} tokens; the folder's files are incomplete"
+        )
     return tokenizer
 
 
@@ -63,11 +73,16 @@ def load_base_tokenizer(model_args, tokenizer):
     if not model_dir or Path(model_dir).resolve() == Path(tokenizer_dir or model_dir).resolve():
         return None
     if not any((Path(model_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-        logger.warning("the model folder %s has no tokenizer to split new tokens with; new embedding rows start at the mean", model_dir)
+        logger.warning(
+            "the model folder %s has no tokenizer to split new tokens with; new embedding rows start at the mean",
+            model_dir,
+        )
         return None
     try:
         # the Rust backend splits a new piece with the base's own BPE merges (see vocab.subword_pieces)
-        base = load_tokenizer(model_dir, model_args.use_fast_tokenizer, model_args.trust_remote_code, backend="tokenizers")
+        base = load_tokenizer(
+            model_dir, model_args.use_fast_tokenizer, model_args.trust_remote_code, backend="tokenizers"
+        )
     except ZhtrainError as err:
         logger.warning("no tokenizer in the model folder (%s); new embedding rows start at the mean", err)
         return None

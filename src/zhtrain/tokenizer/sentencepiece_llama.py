@@ -43,13 +43,32 @@ class SentencePieceLlamaTokenizer(SentencePieceBackend):
     vocab_files_names = {"vocab_file": "tokenizer.model"}
     model_input_names = ["input_ids", "attention_mask"]
 
-    def __init__(self, vocab_file=None, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token=None,
-                 add_bos_token=True, add_eos_token=False, legacy=True, **kwargs):
+    def __init__(
+        self,
+        vocab_file=None,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token=None,
+        add_bos_token=True,
+        add_eos_token=False,
+        legacy=True,
+        **kwargs,
+    ):
         self.add_bos_token, self.add_eos_token = add_bos_token, add_eos_token
         kwargs.pop("special_tokens_pattern", None)
-        super().__init__(vocab_file=vocab_file, unk_token=unk_token, bos_token=bos_token, eos_token=eos_token,
-                         pad_token=pad_token, add_bos_token=add_bos_token, add_eos_token=add_eos_token, legacy=legacy,
-                         special_tokens_pattern="none", **kwargs)
+        super().__init__(
+            vocab_file=vocab_file,
+            unk_token=unk_token,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            pad_token=pad_token,
+            add_bos_token=add_bos_token,
+            add_eos_token=add_eos_token,
+            legacy=legacy,
+            special_tokens_pattern="none",
+            **kwargs,
+        )
 
     def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
         bos = [self.bos_token_id] if self.add_bos_token else []
@@ -113,7 +132,9 @@ def is_llama_sentencepiece_folder(folder: Path) -> bool:
         except (OSError, ValueError):
             return False  # let AutoTokenizer report the broken file
         if not isinstance(config, dict):
-            raise ZhtrainError(f"{config_file}: not a JSON object of tokenizer settings; restore the file saved with the tokenizer")
+            raise ZhtrainError(
+                f"{config_file}: not a JSON object of tokenizer settings; restore the file saved with the tokenizer"
+            )
         tokenizer_class = config.get("tokenizer_class")
     if tokenizer_class in LLAMA_TOKENIZER_CLASSES:
         return True

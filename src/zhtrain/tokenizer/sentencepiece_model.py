@@ -46,7 +46,9 @@ def read_model(path: Path, flag: str):
         proto.ParseFromString(data)
         spm.SentencePieceProcessor(model_proto=data)  # the library's own validation
     except (DecodeError, RuntimeError, OSError, ValueError) as err:
-        raise ZhtrainError(f"{not_a_model} ({str(err).splitlines()[0] if str(err) else type(err).__name__}); pass the .model that sentencepiece wrote") from None
+        raise ZhtrainError(
+            f"{not_a_model} ({str(err).splitlines()[0] if str(err) else type(err).__name__}); pass the .model that sentencepiece wrote"
+        ) from None
     if not proto.pieces:
         raise ZhtrainError(f"{not_a_model} (it has no pieces); pass the .model that sentencepiece wrote")
     return proto
@@ -55,7 +57,9 @@ def read_model(path: Path, flag: str):
 def base_model_path(llama_tokenizer_dir: Optional[str]) -> Path:
     """`--llama_tokenizer_dir`: a folder holding tokenizer.model, or a .model file itself."""
     if not llama_tokenizer_dir:
-        raise ZhtrainError("--llama_tokenizer_dir is required: the base tokenizer folder (with tokenizer.model) or its .model file")
+        raise ZhtrainError(
+            "--llama_tokenizer_dir is required: the base tokenizer folder (with tokenizer.model) or its .model file"
+        )
     path = Path(llama_tokenizer_dir)
     if path.is_file():
         return path
@@ -70,7 +74,9 @@ def base_model_path(llama_tokenizer_dir: Optional[str]) -> Path:
             "tokenizer (e.g. byte-level BPE); merge appends SentencePiece pieces: for this tokenizer use "
             f"`zhtrain tokenizer extend --tokenizer_name_or_path {path} --corpus ...`"
         )
-    raise ZhtrainError(f"--llama_tokenizer_dir {path}: no tokenizer.model in it; pass the base tokenizer's folder or .model file")
+    raise ZhtrainError(
+        f"--llama_tokenizer_dir {path}: no tokenizer.model in it; pass the base tokenizer's folder or .model file"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +132,12 @@ def write_hf_folder(proto, folder: Path, add_pad_token: bool) -> int:
     """
 
     (folder / "tokenizer.model").write_bytes(proto.SerializeToString())
-    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, **special_pieces(proto)}
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        **special_pieces(proto),
+    }
     if add_pad_token:
         config["pad_token"] = PAD_PIECE
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

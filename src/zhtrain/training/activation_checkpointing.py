@@ -35,7 +35,9 @@ class KeptMaskDropout(nn.Dropout):
 
     def __init__(self, p: float):
         super().__init__(p)
-        self._last: tuple[torch.Tensor, torch.Tensor, torch.Size, np.ndarray] | None = None  # state before, after, shape, bits
+        self._last: tuple[torch.Tensor, torch.Tensor, torch.Size, np.ndarray] | None = (
+            None  # state before, after, shape, bits
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0 or x.device.type != "cpu":
@@ -75,8 +77,12 @@ def set_checkpointing_kwargs(model: nn.Module, training_args) -> None:
     if training_args.device.type == "cpu" and getattr(training_args, "keep_dropout_masks", True):
         swapped = keep_lora_dropout_masks(model)
         if swapped:
-            logger.info("gradient checkpointing: %d LoRA dropouts draw each mask once, not again in the recompute", swapped)
+            logger.info(
+                "gradient checkpointing: %d LoRA dropouts draw each mask once, not again in the recompute", swapped
+            )
     # transformers 5.x renamed the field: after TrainingArguments.__post_init__ the Trainer reads only the
     # new name (the old one mirrors it, so it tells whether the user gave kwargs); both are set.
     if training_args.gradient_checkpointing_kwargs is None:
-        training_args.activation_checkpointing_kwargs = training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        training_args.activation_checkpointing_kwargs = training_args.gradient_checkpointing_kwargs = {
+            "use_reentrant": False
+        }

@@ -39,8 +39,10 @@ class ModelArguments:
     use_fast_tokenizer: bool = field(default=True, metadata={"help": "Use the fast (Rust) tokenizer."})
     tokenizer_backend: str = field(
         default="auto",
-        metadata={"help": "auto: a LLaMA SentencePiece tokenizer (tokenizer.model) runs through sentencepiece itself, giving "
-                          "the ids of the seed's slow LlamaTokenizer; others through AutoTokenizer. sentencepiece|tokenizers force one."},
+        metadata={
+            "help": "auto: a LLaMA SentencePiece tokenizer (tokenizer.model) runs through sentencepiece itself, giving "
+            "the ids of the seed's slow LlamaTokenizer; others through AutoTokenizer. sentencepiece|tokenizers force one."
+        },
     )
     model_revision: str = field(default="main", metadata={"help": "Accepted for compatibility; unused."})
     use_auth_token: bool = field(default=False, metadata={"help": "Accepted for compatibility; unused."})
@@ -93,7 +95,9 @@ class LoraArguments:
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA path."})
     modules_to_save: Optional[str] = field(
         default=None,
-        metadata={"help": "Comma-separated modules trained in full and saved with the adapter, e.g. embed_tokens,lm_head."},
+        metadata={
+            "help": "Comma-separated modules trained in full and saved with the adapter, e.g. embed_tokens,lm_head."
+        },
     )
     peft_path: Optional[str] = field(
         default=None, metadata={"help": "Continue training this existing LoRA adapter folder."}
@@ -135,9 +139,7 @@ class ZhtrainTrainingArguments(TrainingArguments):
     warmup_ratio: Optional[float] = field(
         default=None, metadata={"help": "Seed spelling: warmup as a fraction of the total steps."}
     )
-    evaluation_strategy: Optional[str] = field(
-        default=None, metadata={"help": "Seed spelling of --eval_strategy."}
-    )
+    evaluation_strategy: Optional[str] = field(default=None, metadata={"help": "Seed spelling of --eval_strategy."})
     fsdp_transformer_layer_cls_to_wrap: Optional[str] = field(
         default=None, metadata={"help": "Seed spelling: the layer class FSDP wraps (fsdp_config)."}
     )
@@ -149,15 +151,19 @@ class ZhtrainTrainingArguments(TrainingArguments):
     )
     chunked_loss: bool = field(
         default=True,
-        metadata={"help": "Training loss: lm_head + cross-entropy a few hundred positions at a time, so the "
-                          "tokens x vocab logits never exist whole (same loss and gradients; see zhtrain/loss.py). "
-                          "--chunked_loss False uses the model's own loss."},
+        metadata={
+            "help": "Training loss: lm_head + cross-entropy a few hundred positions at a time, so the "
+            "tokens x vocab logits never exist whole (same loss and gradients; see zhtrain/loss.py). "
+            "--chunked_loss False uses the model's own loss."
+        },
     )
     keep_dropout_masks: bool = field(
         default=True,
-        metadata={"help": "With --gradient_checkpointing on CPU, each LoRA dropout mask is drawn once and kept for the "
-                          "backward pass instead of drawn again (same values; see zhtrain/checkpointing.py). "
-                          "--keep_dropout_masks False draws them twice, as PyTorch does."},
+        metadata={
+            "help": "With --gradient_checkpointing on CPU, each LoRA dropout mask is drawn once and kept for the "
+            "backward pass instead of drawn again (same values; see zhtrain/checkpointing.py). "
+            "--keep_dropout_masks False draws them twice, as PyTorch does."
+        },
     )
     report_to: Optional[str] = field(
         default=None,
@@ -178,11 +184,16 @@ class ZhtrainTrainingArguments(TrainingArguments):
             self.eval_strategy = self.evaluation_strategy
         # The seed's --gradient_checkpointing[_kwargs]: transformers 5.x calls them deprecated aliases of
         # activation_checkpointing[_kwargs] and warns on every run; same meaning, so move them over quietly.
-        for old, new in (("gradient_checkpointing", "activation_checkpointing"), ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+        for old, new in (
+            ("gradient_checkpointing", "activation_checkpointing"),
+            ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+        ):
             if hasattr(self, new) and getattr(self, new) is None and getattr(self, old) is not None:
                 setattr(self, new, getattr(self, old))
         if self.fsdp_transformer_layer_cls_to_wrap:
-            config = dict(self.fsdp_config or {}) if not isinstance(self.fsdp_config, str) else _read_json(self.fsdp_config)
+            config = (
+                dict(self.fsdp_config or {}) if not isinstance(self.fsdp_config, str) else _read_json(self.fsdp_config)
+            )
             config["transformer_layer_cls_to_wrap"] = split_names(self.fsdp_transformer_layer_cls_to_wrap)
             self.fsdp_config = config
         if isinstance(self.deepspeed, str) and not self.deepspeed.lstrip().startswith("{"):
@@ -192,7 +203,6 @@ class ZhtrainTrainingArguments(TrainingArguments):
         if self.save_safetensors is False:
             self.compat_notes.append("--save_safetensors False ignored: zhtrain writes safetensors only")
         import torch
-
 
         if self.deepspeed:  # before the CPU fallback below: the flags as the user passed them
             engines.check_deepspeed_config(self.deepspeed, bool(self.fp16), bool(self.bf16), torch.cuda.is_available())
@@ -277,7 +287,11 @@ def unknown_flags_message(parser, listed: str, prog: str) -> str:
     except (ValueError, SyntaxError):
         unused = [listed]
     flags = [item for item in unused if item.startswith("-")]
-    close = difflib.get_close_matches(flags[0], [a for a in parser._option_string_actions if a.startswith("--")], n=1) if flags else []
+    close = (
+        difflib.get_close_matches(flags[0], [a for a in parser._option_string_actions if a.startswith("--")], n=1)
+        if flags
+        else []
+    )
     hint = f" (did you mean {close[0]}?)" if close else ""
     return f"unknown flag(s) {' '.join(unused)}{hint}; see `{prog} --help`"
 
@@ -291,7 +305,11 @@ def config_yaml(parser, argv: list[str], dataclass_types, prog: str) -> str:
     namespace, _ = parser.parse_known_args(args=argv)
     parts = [f"# {prog}: merged settings (defaults < config file < flags); usable as a config file\n"]
     for group in dataclass_types:
-        values = {f.name: yaml_value(getattr(namespace, f.name)) for f in dataclasses.fields(group) if f.init and hasattr(namespace, f.name)}
+        values = {
+            f.name: yaml_value(getattr(namespace, f.name))
+            for f in dataclasses.fields(group)
+            if f.init and hasattr(namespace, f.name)
+        }
         parts.append(f"# --- {group.__name__}\n")
         parts.append(yaml.safe_dump(values, sort_keys=False, allow_unicode=True, default_flow_style=False))
     return "".join(parts)

@@ -153,8 +153,11 @@ def take_over_rotation(training_args, log) -> Optional[int]:
     switched off. Returns the limit for the guard."""
     limit = training_args.save_total_limit
     if limit:
-        log.info("--save_total_limit %d: old checkpoints are deleted by zhtrain once the new one is complete "
-                 "(the Trainer's own rotation is off)", limit)
+        log.info(
+            "--save_total_limit %d: old checkpoints are deleted by zhtrain once the new one is complete "
+            "(the Trainer's own rotation is off)",
+            limit,
+        )
     training_args.save_total_limit = None
     return limit
 
@@ -196,7 +199,9 @@ class CheckpointGuard(TrainerCallback):
 SAFE_ADAPTER_NAME = "adapter_model.safetensors"  # PEFT's file name, in the adapter folder and the Trainer's checkpoint
 
 
-def save_adapter(model, tokenizer, sentencepiece_model: Optional[Path], dest: Path, state_dict: Optional[dict] = None) -> Path:
+def save_adapter(
+    model, tokenizer, sentencepiece_model: Optional[Path], dest: Path, state_dict: Optional[dict] = None
+) -> Path:
     """Write a self-contained adapter folder: LoRA + full modules_to_save weights (once), config, tokenizer.
 
     `state_dict`: the gathered trainable weights when the model is sharded (ZeRO-3, FSDP); there
@@ -206,7 +211,9 @@ def save_adapter(model, tokenizer, sentencepiece_model: Optional[Path], dest: Pa
     with write_aside(dest) as tmp:
         # save_embedding_layers=False: embed_tokens/lm_head are already saved in full as modules_to_save;
         # PEFT's "auto" would add two more copies after a resize (gigabytes for a 7B model).
-        unwrap(model).save_pretrained(str(tmp), state_dict=state_dict, save_embedding_layers=False, safe_serialization=True)
+        unwrap(model).save_pretrained(
+            str(tmp), state_dict=state_dict, save_embedding_layers=False, safe_serialization=True
+        )
         tokenizer.save_pretrained(str(tmp))
         if sentencepiece_model is not None:
             shutil.copyfile(sentencepiece_model, tmp / "tokenizer.model")  # transformers 5 no longer writes it
@@ -251,5 +258,7 @@ class SaveAdapterCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         gathered = gather_trainable_state(model)
         if state.is_world_process_zero:
-            path = save_adapter(model, self.tokenizer, self.sentencepiece_model, Path(args.output_dir) / self.folder, gathered)
+            path = save_adapter(
+                model, self.tokenizer, self.sentencepiece_model, Path(args.output_dir) / self.folder, gathered
+            )
             logger.info("adapter written to %s", path)

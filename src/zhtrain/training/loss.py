@@ -29,7 +29,6 @@ from zhtrain.data.supervised import IGNORE_INDEX
 logger = logging.getLogger(__name__)
 
 
-
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk on CPU (at most 32 MB in fp32; 128 rows of 49953 for a 512 block)
 
 
@@ -57,7 +56,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_rows: int, scale):
         device_type = hidden.device.type
-        compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        compute_dtype = (
+            torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        )
         want_hidden_grad, want_weight_grad = hidden.requires_grad, weight.requires_grad
         want_grad = want_hidden_grad or want_weight_grad
         w = weight.to(compute_dtype)

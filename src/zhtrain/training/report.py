@@ -36,7 +36,11 @@ class ThroughputCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.first_step is None:
-            self.first_step, self.first_tokens, self.start = state.global_step, state.num_input_tokens_seen, time.perf_counter()
+            self.first_step, self.first_tokens, self.start = (
+                state.global_step,
+                state.num_input_tokens_seen,
+                time.perf_counter(),
+            )
 
     def on_step_end(self, args, state, control, **kwargs):
         self.steps = state.global_step - (self.first_step or 0)
@@ -62,9 +66,16 @@ def perplexity(loss: Optional[float]) -> Optional[float]:
     return math.exp(min(loss, 700.0)) if loss is not None and math.isfinite(loss) else None
 
 
-def build_report(command: str, trainer, data_stats=None, vocabulary: Optional[dict] = None,
-                 parameters: Optional[tuple[int, int]] = None, throughput: Optional[ThroughputCallback] = None,
-                 tokens_per_step: Optional[int] = None, extra: Optional[dict] = None) -> dict:
+def build_report(
+    command: str,
+    trainer,
+    data_stats=None,
+    vocabulary: Optional[dict] = None,
+    parameters: Optional[tuple[int, int]] = None,
+    throughput: Optional[ThroughputCallback] = None,
+    tokens_per_step: Optional[int] = None,
+    extra: Optional[dict] = None,
+) -> dict:
     """Everything the report shows, as plain JSON-able data."""
     args, state = trainer.args, trainer.state
     series = curves(state.log_history)
@@ -79,7 +90,11 @@ def build_report(command: str, trainer, data_stats=None, vocabulary: Optional[di
         report["vocabulary"] = vocabulary
     if parameters:
         trainable, total = parameters
-        report["parameters"] = {"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / max(total, 1), 4)}
+        report["parameters"] = {
+            "trainable": trainable,
+            "total": total,
+            "trainable_percent": round(100 * trainable / max(total, 1), 4),
+        }
     training: dict = {"final_train_loss": series["loss"][-1][1] if series["loss"] else None}
     if throughput is not None and throughput.steps and throughput.seconds > 0:
         training.update(session_steps=throughput.steps, session_seconds=round(throughput.seconds, 3))
@@ -106,7 +121,9 @@ def summary_line(report: dict) -> str:
     if training.get("final_train_loss") is not None:
         parts.append(f"train loss {training['final_train_loss']:.4g}")
     if evaluation.get("final_eval_perplexity") is not None:
-        parts.append(f"eval perplexity {evaluation['final_eval_perplexity']:.4g} (best {evaluation['best_eval_perplexity']:.4g})")
+        parts.append(
+            f"eval perplexity {evaluation['final_eval_perplexity']:.4g} (best {evaluation['best_eval_perplexity']:.4g})"
+        )
     line = ", ".join(parts)
     for kind in ("adapter", "model"):
         if report.get(kind):
@@ -154,7 +171,12 @@ def markdown(report: dict) -> str:
             return f"{value:,}"
         return "—" if value is None else str(value)
 
-    lines = [f"# zhtrain {report['command']} — run report", "", f"Output folder: `{report['output_dir']}`, {fmt(report['global_step'])} steps.", ""]
+    lines = [
+        f"# zhtrain {report['command']} — run report",
+        "",
+        f"Output folder: `{report['output_dir']}`, {fmt(report['global_step'])} steps.",
+        "",
+    ]
     for section in ("data", "vocabulary", "parameters", "training", "evaluation"):
         if section not in report:
             continue
@@ -180,7 +202,10 @@ def write_report(output_dir: str, report: dict, log_history: list[dict]) -> Path
     out.mkdir(parents=True, exist_ok=True)
     note = plot_curves(curves(log_history), out / "loss.png")
     report = dict(report, plot=None if note else "loss.png", plot_note=note)
-    for name, text in (("report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n"), ("report.md", markdown(report))):
+    for name, text in (
+        ("report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n"),
+        ("report.md", markdown(report)),
+    ):
         with write_aside(out / name) as tmp:
             tmp.write_text(text, encoding="utf-8")
     return out / "report.md"

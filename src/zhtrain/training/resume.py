@@ -40,11 +40,18 @@ def check_output_keeps_inputs(output_dir, model_args, lora_args, adapter_folder:
     in a `checkpoint-*` folder (--overwrite_output_dir and --save_total_limit remove those) or where
     the run writes its own adapter (`<output_dir>/<adapter_folder>`, replaced at the end)."""
     peft_path = getattr(lora_args, "peft_path", None)
-    inputs = [("--model_name_or_path", model_args.model_name_or_path), ("--tokenizer_name_or_path", model_args.tokenizer_name_or_path),
-              ("--peft_path", peft_path)]
+    inputs = [
+        ("--model_name_or_path", model_args.model_name_or_path),
+        ("--tokenizer_name_or_path", model_args.tokenizer_name_or_path),
+        ("--peft_path", peft_path),
+    ]
     check_not_an_input(output_dir, "--output_dir", inputs, under="checkpoint-*")
     if peft_path:
-        check_not_an_input(Path(output_dir) / adapter_folder, f"--output_dir {output_dir}: the run's adapter", [("--peft_path", peft_path)])
+        check_not_an_input(
+            Path(output_dir) / adapter_folder,
+            f"--output_dir {output_dir}: the run's adapter",
+            [("--peft_path", peft_path)],
+        )
 
 
 def prepare_output_dir(training_args, identity: dict) -> Optional[str]:
@@ -63,9 +70,13 @@ def prepare_output_dir(training_args, identity: dict) -> Optional[str]:
     has_checkpoints = bool(list_checkpoints(out))
     if explicit:
         if not (Path(requested) / "trainer_state.json").is_file():
-            raise ZhtrainError(f"--resume_from_checkpoint {requested}: not a checkpoint (no trainer_state.json); pass a checkpoint-N folder")
+            raise ZhtrainError(
+                f"--resume_from_checkpoint {requested}: not a checkpoint (no trainer_state.json); pass a checkpoint-N folder"
+            )
         if not is_complete(Path(requested)):
-            logger.warning("%s has no zhtrain completeness manifest (written by another tool?); resuming anyway", requested)
+            logger.warning(
+                "%s has no zhtrain completeness manifest (written by another tool?); resuming anyway", requested
+            )
     elif has_checkpoints and not training_args.overwrite_output_dir:
         if recorded is None:
             raise ZhtrainError(
@@ -105,7 +116,9 @@ def explain_disk_full(output_dir):
         yield
     except Exception as err:  # torch.save, safetensors and tokenizers each report ENOSPC in their own type
         text = str(err)
-        if getattr(err, "errno", None) != errno.ENOSPC and not any(s in text for s in ("No space left", "StorageFull", "file write failed")):
+        if getattr(err, "errno", None) != errno.ENOSPC and not any(
+            s in text for s in ("No space left", "StorageFull", "file write failed")
+        ):
             raise
         last = last_complete_checkpoint(Path(output_dir))
         raise ZhtrainError(
@@ -133,7 +146,9 @@ def finished_checkpoint(resume_from: Optional[str], training_args) -> bool:
     return int(state.get("global_step", 0)) >= training_args.max_steps
 
 
-def finish_from_checkpoint(trainer, checkpoint: str, folder: str, tokenizer, sentencepiece_model: Optional[Path]) -> None:
+def finish_from_checkpoint(
+    trainer, checkpoint: str, folder: str, tokenizer, sentencepiece_model: Optional[Path]
+) -> None:
     """Nothing left to train: the model and state of the final checkpoint, and <output_dir>/<folder>
     (re)written from them (the run may have been killed while writing it)."""
     from transformers import TrainerState
@@ -143,8 +158,13 @@ def finish_from_checkpoint(trainer, checkpoint: str, folder: str, tokenizer, sen
     trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
     if trainer.args.should_save:
         save_adapter(model, tokenizer, sentencepiece_model, Path(trainer.args.output_dir) / folder)
-    logger.info("%s already reached --max_steps %d: nothing to train; %s/%s is that checkpoint's adapter",
-                checkpoint, trainer.args.max_steps, trainer.args.output_dir, folder)
+    logger.info(
+        "%s already reached --max_steps %d: nothing to train; %s/%s is that checkpoint's adapter",
+        checkpoint,
+        trainer.args.max_steps,
+        trainer.args.output_dir,
+        folder,
+    )
 
 
 def load_finished_full_model(trainer, checkpoint: str) -> bool:
@@ -156,7 +176,6 @@ def load_finished_full_model(trainer, checkpoint: str) -> bool:
     """
     from transformers import TrainerState
 
-
     try:
         saved = open_checkpoint(checkpoint, flag="checkpoint")
     except ZhtrainError:
@@ -164,7 +183,9 @@ def load_finished_full_model(trainer, checkpoint: str) -> bool:
     model = unwrap(trainer.model)
     params = model.state_dict()  # tied weights appear under both names, saved under one
     unique = {id(tensor): name for name, tensor in reversed(list(params.items()))}
-    shapes_match = all(tuple(params[name].shape) == saved.shapes.get(name) for name in unique.values() if name in saved.shapes)
+    shapes_match = all(
+        tuple(params[name].shape) == saved.shapes.get(name) for name in unique.values() if name in saved.shapes
+    )
     covered = {id(params[name]) for name in saved.shapes if name in params}
     if not shapes_match or covered != set(unique) or any(name not in params for name in saved.shapes):
         return False
@@ -173,8 +194,11 @@ def load_finished_full_model(trainer, checkpoint: str) -> bool:
             for name, tensor in iter_shard(shard, saved.keys[shard]):
                 params[name].copy_(tensor)
     trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
-    logger.info("%s already reached --max_steps %d: nothing to train; the model is that checkpoint's",
-                checkpoint, trainer.args.max_steps)
+    logger.info(
+        "%s already reached --max_steps %d: nothing to train; the model is that checkpoint's",
+        checkpoint,
+        trainer.args.max_steps,
+    )
     return True
 
 

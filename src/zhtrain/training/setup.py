@@ -15,14 +15,15 @@ def start_run(training_args, log: logging.Logger) -> int:
     """The prologue every training command shares: logging, notes, threads, DeepSpeed, seed."""
     from transformers import set_seed
 
-
     setup_logging(training_args)
     for note in training_args.compat_notes:
         log.warning(note)
     threads = set_cpu_threads()
     prepare_deepspeed(training_args)  # before any model is built: ZeRO-3 partitions weights as they are created
     set_seed(training_args.seed)
-    log.info("world size %d, %d CPU threads per process, device %s", training_args.world_size, threads, training_args.device)
+    log.info(
+        "world size %d, %d CPU threads per process, device %s", training_args.world_size, threads, training_args.device
+    )
     return threads
 
 
@@ -48,7 +49,13 @@ def setup_logging(training_args) -> None:
     # The log goes to stdout, as in the seed's scripts (HF examples): stderr keeps progress bars,
     # and a run that fails on bad input prints its one-line error there alone.
     handler = logging.StreamHandler(sys.stdout)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level, force=True, handlers=[handler])
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        level=level,
+        force=True,
+        handlers=[handler],
+    )
     logging.getLogger("zhtrain").setLevel(level)
     # transformers' INFO dumps every config; its warnings and the Trainer's progress still show.
     transformers.utils.logging.set_verbosity(logging.WARNING)

@@ -117,7 +117,9 @@ class ZhtrainTrainer(Trainer):
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         capture = HeadInput()
-        handles = [layer.register_forward_pre_hook(capture.hook_for(layer), with_kwargs=True) for layer in self._chunked_layers]
+        handles = [
+            layer.register_forward_pre_hook(capture.hook_for(layer), with_kwargs=True) for layer in self._chunked_layers
+        ]
         try:
             model(**model_inputs)  # through the wrappers (DDP/DeepSpeed/PEFT); the head projects nothing
         finally:
@@ -128,12 +130,14 @@ class ZhtrainTrainer(Trainer):
         normalizer = num_items_in_batch if self.model_accepts_loss_kwargs else None
         loss = chunked_causal_lm_loss(capture.hidden, capture.layer.weight, labels, normalizer)
         # Mirror Trainer.compute_loss: a token-count-normalised loss is averaged across processes.
-        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+        if (
+            self.args.average_tokens_across_devices
+            and self.model_accepts_loss_kwargs
+            and num_items_in_batch is not None
+        ):
             loss_scale = self.accelerator.num_processes // self.get_tp_size()
             loss = loss * (loss_scale if self.args.n_gpu <= 1 else self.args.n_gpu)
         return loss
-
-
 
 
 def logits_to_predictions(logits, labels):
@@ -157,8 +161,16 @@ def token_metrics(eval_prediction) -> dict:
     return {"accuracy": accuracy, "perplexity": math.exp(min(mean_nll, 700.0))}
 
 
-def build_trainer(model, training_args, train_dataset, eval_dataset, tokenizer, callbacks, rotation_limit: Optional[int],
-                  data_collator=None) -> ZhtrainTrainer:
+def build_trainer(
+    model,
+    training_args,
+    train_dataset,
+    eval_dataset,
+    tokenizer,
+    callbacks,
+    rotation_limit: Optional[int],
+    data_collator=None,
+) -> ZhtrainTrainer:
     """The Trainer with the stage's callbacks, then zhtrain's guards (checkpoint guard LAST, so a
     checkpoint is marked complete only after every callback wrote its files into it; it keeps the
     newest `rotation_limit` checkpoints, see checkpoints.take_over_rotation)."""

@@ -35,8 +35,13 @@ WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 TOKENIZER_FILES = (
-    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 
 
@@ -61,7 +66,9 @@ _LORA_KEY = re.compile(
 )
 
 
-_WRAPPED_FULL = re.compile(r"^(?P<module>.+)\.(?:modules_to_save\.[^.]+|modules_to_save|base_layer)\.(?P<param>weight|bias)$")
+_WRAPPED_FULL = re.compile(
+    r"^(?P<module>.+)\.(?:modules_to_save\.[^.]+|modules_to_save|base_layer)\.(?P<param>weight|bias)$"
+)
 
 
 @dataclass
@@ -121,7 +128,9 @@ def load_adapter(folder: str | Path, with_tokenizer: bool = True) -> Adapter:
     """Read an adapter folder; raises ZhtrainError naming the folder and the fix."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ZhtrainError(f"--lora_model {folder}: no such folder; pass a LoRA adapter folder (e.g. output_dir/pt_lora_model)")
+        raise ZhtrainError(
+            f"--lora_model {folder}: no such folder; pass a LoRA adapter folder (e.g. output_dir/pt_lora_model)"
+        )
     config = read_adapter_config(folder)
     weight_file = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
     if weight_file is None:
@@ -149,21 +158,31 @@ def read_adapter_config(folder: Path) -> dict:
         raise ZhtrainError(f"{path}: peft_type {peft_type}; zhtrain merge folds LoRA adapters only")
     for option, what in UNSUPPORTED_OPTIONS.items():
         if config.get(option):
-            raise ZhtrainError(f"{path}: {option} ({what}) is not supported by zhtrain merge; merge it with PEFT's merge_and_unload")
+            raise ZhtrainError(
+                f"{path}: {option} ({what}) is not supported by zhtrain merge; merge it with PEFT's merge_and_unload"
+            )
     for option in ("r", "lora_alpha"):
         if not isinstance(config.get(option), (int, float)) or config[option] <= 0:
-            raise ZhtrainError(f"{path}: {option} is {config.get(option)!r}; it must be the positive number used in training")
+            raise ZhtrainError(
+                f"{path}: {option} is {config.get(option)!r}; it must be the positive number used in training"
+            )
     for option in ("rank_pattern", "alpha_pattern"):  # module-name regex -> number, as PEFT writes them
         patterns = config.get(option) or {}
         if not isinstance(patterns, dict):
-            raise ZhtrainError(f"{path}: {option} is {type(patterns).__name__}; it must be an object of module pattern -> number, as training wrote it")
+            raise ZhtrainError(
+                f"{path}: {option} is {type(patterns).__name__}; it must be an object of module pattern -> number, as training wrote it"
+            )
         for pattern, value in patterns.items():
             try:
                 re.compile(pattern)
             except re.error as err:
-                raise ZhtrainError(f"{path}: {option} key {pattern!r} is not a regular expression ({err}); restore the file written by training") from err
+                raise ZhtrainError(
+                    f"{path}: {option} key {pattern!r} is not a regular expression ({err}); restore the file written by training"
+                ) from err
             if not isinstance(value, (int, float)) or value <= 0:
-                raise ZhtrainError(f"{path}: {option}[{pattern!r}] is {value!r}; it must be the positive number used in training")
+                raise ZhtrainError(
+                    f"{path}: {option}[{pattern!r}] is {value!r}; it must be the positive number used in training"
+                )
     return config
 
 
@@ -178,7 +197,9 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as err:
         raise refused_pickle(str(path), err) from None
     except Exception as err:  # safetensors and torch.load raise many types for a damaged file
-        raise ZhtrainError(f"{path}: cannot read the adapter weights ({type(err).__name__}: {err}); the file is damaged or not an adapter") from err
+        raise ZhtrainError(
+            f"{path}: cannot read the adapter weights ({type(err).__name__}: {err}); the file is damaged or not an adapter"
+        ) from err
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise ZhtrainError(f"{path}: not a state dict of tensors; pass the adapter_model.bin written by training")
     return loaded
@@ -188,7 +209,7 @@ def base_name(raw_key: str) -> str:
     """Strip PEFT's `base_model.model.` wrapper: the rest is the base model's own name."""
     for prefix in PREFIXES:
         if raw_key.startswith(prefix):
-            return raw_key[len(prefix):]
+            return raw_key[len(prefix) :]
     return raw_key
 
 
@@ -205,20 +226,26 @@ def to_edits(raw: dict[str, torch.Tensor], config: dict, source: Path) -> tuple[
             continue
         if ".original_module." in key or "lora_magnitude_vector" in key:
             if "lora_magnitude_vector" in key:
-                raise ZhtrainError(f"{source}: {raw_key} is a DoRA magnitude; DoRA adapters are not supported by zhtrain merge")
+                raise ZhtrainError(
+                    f"{source}: {raw_key} is a DoRA magnitude; DoRA adapters are not supported by zhtrain merge"
+                )
             ignored.append(raw_key)  # PEFT's untouched copy of a modules_to_save module
             continue
         wrapped = _WRAPPED_FULL.match(key)
         name = f"{wrapped['module']}.{wrapped['param']}" if wrapped else key
         if not name.endswith((".weight", ".bias")):
-            raise ZhtrainError(f"{source}: unknown key {raw_key}; zhtrain merge understands LoRA A/B pairs and full module weights")
+            raise ZhtrainError(
+                f"{source}: unknown key {raw_key}; zhtrain merge understands LoRA A/B pairs and full module weights"
+            )
         edits.setdefault(name, Edit()).replace = tensor
     for module, parts in pairs.items():
         add_low_rank(edits, module, parts, config, source)
     return edits, ignored
 
 
-def add_low_rank(edits: dict[str, Edit], module: str, parts: dict[str, torch.Tensor], config: dict, source: Path) -> None:
+def add_low_rank(
+    edits: dict[str, Edit], module: str, parts: dict[str, torch.Tensor], config: dict, source: Path
+) -> None:
     embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
     a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
     if a_key not in parts or b_key not in parts:
@@ -227,7 +254,9 @@ def add_low_rank(edits: dict[str, Edit], module: str, parts: dict[str, torch.Ten
     A, B = parts[a_key], parts[b_key]
     rank = A.shape[0]
     if A.dim() != 2 or B.dim() != 2 or B.shape[1] != rank:
-        raise ZhtrainError(f"{source}: {module} has A {list(A.shape)} and B {list(B.shape)}, which do not form a rank-r pair")
+        raise ZhtrainError(
+            f"{source}: {module} has A {list(A.shape)} and B {list(B.shape)}, which do not form a rank-r pair"
+        )
     configured_rank = pattern_value(config.get("rank_pattern") or {}, module, config["r"])
     if int(configured_rank) != rank:
         raise ZhtrainError(

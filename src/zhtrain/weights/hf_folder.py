@@ -19,8 +19,16 @@ from zhtrain.errors import ZhtrainError
 from zhtrain.files import write_json_atomic
 
 SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 
 
@@ -99,7 +107,9 @@ def open_checkpoint(folder: str | Path, flag: str = "--base_model") -> Checkpoin
     if not folder.is_dir():
         raise ZhtrainError(f"{flag} {folder}: no such folder; pass a model folder in Hugging Face format")
     if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
-        raise ZhtrainError(f"{flag} {folder}: this is a LoRA adapter, not a model; pass the base model it was trained on (or merge it first)")
+        raise ZhtrainError(
+            f"{flag} {folder}: this is a LoRA adapter, not a model; pass the base model it was trained on (or merge it first)"
+        )
     read_config(folder)
     for index_name, single_name in LAYOUTS:
         if (folder / index_name).is_file():
@@ -110,8 +120,12 @@ def open_checkpoint(folder: str | Path, flag: str = "--base_model") -> Checkpoin
             break
     else:
         if list(folder.glob("consolidated.*.pth")):
-            raise ZhtrainError(f"{flag} {folder}: Meta consolidated.*.pth weights; convert them to Hugging Face format first")
-        raise ZhtrainError(f"{flag} {folder}: no model.safetensors, shards with an index, or pytorch_model.bin; not a Hugging Face model folder")
+            raise ZhtrainError(
+                f"{flag} {folder}: Meta consolidated.*.pth weights; convert them to Hugging Face format first"
+            )
+        raise ZhtrainError(
+            f"{flag} {folder}: no model.safetensors, shards with an index, or pytorch_model.bin; not a Hugging Face model folder"
+        )
     checkpoint = Checkpoint(folder, shards, {})
     for shard in shards:
         checkpoint.keys[shard] = []
@@ -126,14 +140,18 @@ def _shards_from_index(index: Path) -> list[Path]:
     data = read_json_object(index, "weight index entries")
     weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
-        raise ZhtrainError(f"{index}: not a weight index (no 'weight_map' of tensor -> file names); restore the file saved with the model")
+        raise ZhtrainError(
+            f"{index}: not a weight index (no 'weight_map' of tensor -> file names); restore the file saved with the model"
+        )
     if not isinstance(data.get("metadata"), dict):  # transformers' loader reads it (KeyError inside it otherwise)
         raise ZhtrainError(f"{index}: no 'metadata' object; restore the file saved with the model")
     shards = []
     for name in dict.fromkeys(weight_map.values()):  # file order as first referenced, no duplicates
         path = index.parent / name
         if not path.is_file():
-            raise ZhtrainError(f"{index}: lists {name}, which is missing from {index.parent}; the download is incomplete")
+            raise ZhtrainError(
+                f"{index}: lists {name}, which is missing from {index.parent}; the download is incomplete"
+            )
         shards.append(path)
     return shards
 
@@ -154,7 +172,9 @@ def _header(shard: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     except ZhtrainError:
         raise
     except Exception as err:  # a truncated or foreign file
-        raise ZhtrainError(f"{shard}: cannot read the weights ({type(err).__name__}: {err}); the file is damaged") from err
+        raise ZhtrainError(
+            f"{shard}: cannot read the weights ({type(err).__name__}: {err}); the file is damaged"
+        ) from err
 
 
 def _torch_load(path: Path) -> dict:

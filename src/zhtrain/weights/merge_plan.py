@@ -41,7 +41,9 @@ class MergePlan:
 
 def make_plan(checkpoint: Checkpoint, adapters: list[Adapter]) -> MergePlan:
     if EMBED not in checkpoint.shapes:
-        raise ZhtrainError(f"--base_model {checkpoint.folder}: no {EMBED}; zhtrain merge handles LLaMA-family causal LMs")
+        raise ZhtrainError(
+            f"--base_model {checkpoint.folder}: no {EMBED}; zhtrain merge handles LLaMA-family causal LMs"
+        )
     tied_base = LM_HEAD not in checkpoint.shapes
     running = checkpoint.shapes[EMBED][0]
     vocab_after = []
@@ -50,8 +52,13 @@ def make_plan(checkpoint: Checkpoint, adapters: list[Adapter]) -> MergePlan:
         if wanted < running:
             raise shrink_error(adapters, position, wanted, running, checkpoint)
         if wanted > running and not touches_embeddings(adapter):
-            logger.warning("%s grows the vocabulary %d -> %d but carries no embed_tokens/lm_head rows: the new rows "
-                           "start at the mean of the existing rows (untrained)", adapter.name, running, wanted)
+            logger.warning(
+                "%s grows the vocabulary %d -> %d but carries no embed_tokens/lm_head rows: the new rows "
+                "start at the mean of the existing rows (untrained)",
+                adapter.name,
+                running,
+                wanted,
+            )
         running = wanted
         for key, edit in adapter.edits.items():
             check_edit(checkpoint, adapter, key, edit, running, tied_base)
@@ -70,14 +77,20 @@ def check_output_tokenizer(plan: MergePlan) -> None:
     source = next((a for a in reversed(plan.adapters) if a.has_tokenizer), None)
     if source is not None and source.tokenizer_len == plan.final_vocab:
         return
-    found = f"the tokenizer in {source.name} has {source.tokenizer_len}" if source else "none of the adapter folders holds a tokenizer"
+    found = (
+        f"the tokenizer in {source.name} has {source.tokenizer_len}"
+        if source
+        else "none of the adapter folders holds a tokenizer"
+    )
     raise ZhtrainError(
         f"the merged model will have {plan.final_vocab} tokens but {found}; put the tokenizer the last adapter was "
         f"trained with into {plan.adapters[-1].name}"
     )
 
 
-def shrink_error(adapters: list[Adapter], position: int, wanted: int, running: int, checkpoint: Checkpoint) -> ZhtrainError:
+def shrink_error(
+    adapters: list[Adapter], position: int, wanted: int, running: int, checkpoint: Checkpoint
+) -> ZhtrainError:
     adapter = adapters[position]
     if position == 0:
         trained_for = adapter.config.get("base_model_name_or_path") or "another base"
@@ -117,7 +130,11 @@ def check_edit(checkpoint: Checkpoint, adapter: Adapter, key: str, edit, vocab: 
         if shape == tuple(expected):
             continue
         if key in (EMBED, LM_HEAD) and shape[1:] == tuple(expected[1:]):
-            has = f"its folder's tokenizer has {adapter.tokenizer_len} tokens" if adapter.has_tokenizer else f"the model has {expected[0]} rows here"
+            has = (
+                f"its folder's tokenizer has {adapter.tokenizer_len} tokens"
+                if adapter.has_tokenizer
+                else f"the model has {expected[0]} rows here"
+            )
             raise ZhtrainError(
                 f"adapter {adapter.name}: {key} {what} are {list(shape)} but {has} ({list(expected)}); the adapter needs "
                 f"{describe_tokenizer(shape[0])}, the one it was trained with: put that tokenizer's files into {adapter.name}"

@@ -141,7 +141,9 @@ def split_sizes(length: int, parts: int, uneven_ok: bool, name: str) -> list[int
     if length % parts == 0:
         return [length // parts] * parts
     if not uneven_ok:
-        raise ZhtrainError(f"--num_shards {parts} does not divide {name}'s dimension of {length}; choose a divisor of it")
+        raise ZhtrainError(
+            f"--num_shards {parts} does not divide {name}'s dimension of {length}; choose a divisor of it"
+        )
     sizes = [length // parts] * parts
     sizes[-1] += length % parts  # the seed's rule: 49953 over 2 -> [24976, 24977]
     return sizes

@@ -40,12 +40,17 @@ SAMPLE_TEXTS = ("白日依山尽，黄河入海流。", "人民日报社论：�
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2.5e-2}
 
 
-def model_with_adapters(base_dir: str | Path, adapter_dirs: Sequence[str | Path], dtype: torch.dtype = torch.float32,
-                        attn: str = "sdpa", merge_last: bool = False, **load_kwargs):
+def model_with_adapters(
+    base_dir: str | Path,
+    adapter_dirs: Sequence[str | Path],
+    dtype: torch.dtype = torch.float32,
+    attn: str = "sdpa",
+    merge_last: bool = False,
+    **load_kwargs,
+):
     """Base + adapters applied through PEFT in order (see the module docstring); `merge_last` folds the last one
     in too (PEFT's merge_and_unload, the seed merge script's own path) instead of running it as a LoRA layer."""
     from transformers import AutoModelForCausalLM
-
 
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype, attn_implementation=attn, **load_kwargs)
     for position, folder in enumerate(adapter_dirs):
@@ -87,7 +92,9 @@ class _peft_loadable:
             self.tmp.cleanup()
 
 
-def compare_with_peft(base_dir: Path, adapter_dirs, out: Path, output_type: str, config: dict, vocab: int, dtype) -> tuple[float, float, int]:
+def compare_with_peft(
+    base_dir: Path, adapter_dirs, out: Path, output_type: str, config: dict, vocab: int, dtype
+) -> tuple[float, float, int]:
     """(max |logit difference|, tolerance, number of inputs): the merged output against base + adapters via PEFT."""
     # PEFT's merge path for every adapter: a LoRA layer's unmerged forward rounds differently (x@W + x@A@B vs
     # x@(W + B@A)), ~2e-4 on the logits of a real 30-layer model, which would hide a real error under 1e-4.
@@ -101,7 +108,6 @@ def compare_with_peft(base_dir: Path, adapter_dirs, out: Path, output_type: str,
 def load_merged(out: Path, output_type: str, config: dict):
     """The merged folder in float32: HF as saved; Meta's pth read back into HF names (so it is verified too)."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
 
     if output_type == "huggingface":
         model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
@@ -119,7 +125,6 @@ def verification_inputs(tokenizer_dir: Optional[Path], vocab: int, seed: int = 0
     batches = []
     if tokenizer_dir is not None:
         try:
-
             tokenizer = load_tokenizer(str(tokenizer_dir))
             for text in SAMPLE_TEXTS:
                 ids = tokenizer(text, return_tensors="pt").input_ids
