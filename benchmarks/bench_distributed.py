@@ -347,7 +347,8 @@ def main(argv=None) -> None:
         tokens_per_step = args.batch * args.procs * args.block_size
         print(
             f"# LoRA pre-training, hidden {args.hidden}, {args.layers} layers, block {args.block_size}, global batch "
-            f"{args.batch * args.procs} ({tokens_per_step} tokens/step), {args.steps} steps, {os.cpu_count()} CPU cores",
+            f"{args.batch * args.procs} ({tokens_per_step} tokens/step), {args.steps} steps, {os.cpu_count()} CPU "
+            "cores",
             flush=True,
         )
         results = {}
@@ -362,7 +363,8 @@ def main(argv=None) -> None:
         base = results.get("fsdp_single" if mode.startswith("fsdp") else "single_1t")
         ratio = f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}x" if base else "-"
         print(
-            f"{LABELS[mode]:<26} {r['world']:>5} {r['engine']:<26} {r['tokens_per_second']:>9.0f} {ratio:>9} {r['loss']:>9.4f} {r['wall_seconds']:>7}"
+            f"{LABELS[mode]:<26} {r['world']:>5} {r['engine']:<26} {r['tokens_per_second']:>9.0f} {ratio:>9} "
+            f"{r['loss']:>9.4f} {r['wall_seconds']:>7}"
         )
     print(
         "(ratios: FSDP against the same loop in one process, the others against `zhtrain pretrain` in one process,\n"

@@ -47,8 +47,8 @@ ZHTRAIN = (
     + """
 from zhtrain.merge import merge, parse_merge_args
 start = time.perf_counter()
-merge(parse_merge_args(["--base_model", sys.argv[1], "--lora_model", sys.argv[2], "--output_dir", sys.argv[3], "--no-verify",
-                        "--max_shard_size", sys.argv[4]]))
+merge(parse_merge_args(["--base_model", sys.argv[1], "--lora_model", sys.argv[2], "--output_dir", sys.argv[3],
+                        "--no-verify", "--max_shard_size", sys.argv[4]]))
 print(json.dumps({"seconds": time.perf_counter() - start, "peak": peak()}))
 """
 )
@@ -146,7 +146,8 @@ def main() -> None:
         root = Path(scratch)
         baseline = run_child(BASELINE)["peak"]
         print(
-            f"baseline (python + torch + transformers + peft + zhtrain.merge imported): peak RSS {baseline / MB:.0f} MiB",
+            f"baseline (python + torch + transformers + peft + zhtrain.merge imported): peak RSS {baseline / MB:.0f} "
+            "MiB",
             flush=True,
         )
         rows = []
@@ -237,8 +238,9 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         out_shard = f"{r['max_shard_size_mb']:.0f}" if r["max_shard_size_mb"] else "-"
         print(
-            f"| {r['method']} | {r['model_mb']:.0f} | {r['shards']} | {r['largest_shard_mb']:.0f} | {out_shard} | {r['adapter_mb']:.0f} | "
-            f"{r['peak_rss_mb']:.0f} | {r['above_baseline_mb']:.0f} | {r['above_baseline_mb'] / r['model_mb']:.2f} | {r['seconds']:.1f} |"
+            f"| {r['method']} | {r['model_mb']:.0f} | {r['shards']} | {r['largest_shard_mb']:.0f} | {out_shard} | "
+            f"{r['adapter_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['above_baseline_mb']:.0f} | "
+            f"{r['above_baseline_mb'] / r['model_mb']:.2f} | {r['seconds']:.1f} |"
         )
 
 

@@ -93,7 +93,8 @@ def main() -> None:
     chars = sum(map(len, held_out))
     print(
         f"held-out text: {len(held_out)} lines, {chars:,} characters; tokens per character "
-        f"{count_tokens(base_tok, held_out) / chars:.3f} (SmolLM2) -> {count_tokens(ext_tok, held_out) / chars:.3f} (extended)",
+        f"{count_tokens(base_tok, held_out) / chars:.3f} (SmolLM2) -> {count_tokens(ext_tok, held_out) / chars:.3f} "
+        "(extended)",
         flush=True,
     )
 
@@ -104,7 +105,8 @@ def main() -> None:
         trained = stage1(model_dir, extended_dir, data_dir, init, args)
         rows[init]["trained"] = bits_per_character(trained, ext_tok, held_out)
         print(
-            f"  {init}: {rows[init]['step0']:.3f} at step 0 -> {rows[init]['trained']:.3f} after {args.steps} Stage-1 steps",
+            f"  {init}: {rows[init]['step0']:.3f} at step 0 -> {rows[init]['trained']:.3f} after {args.steps} Stage-1 "
+            "steps",
             flush=True,
         )
 
@@ -237,7 +239,8 @@ def print_table(rows: dict, steps: int) -> None:
     for init in INITS:
         row = rows[init]
         print(
-            f"| {init} | {row['step0']:.3f} | {row['step0'] / base:.2f}x | {row['trained']:.3f} | {row['trained'] / base:.2f}x |"
+            f"| {init} | {row['step0']:.3f} | {row['step0'] / base:.2f}x | {row['trained']:.3f} | "
+            f"{row['trained'] / base:.2f}x |"
         )
     print()
 

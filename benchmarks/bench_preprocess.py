@@ -105,10 +105,11 @@ class Catch(logging.Handler):
 logging.getLogger("zhtrain").addHandler(Catch()); logging.getLogger("zhtrain").setLevel(logging.INFO)
 tokenizer = load_tokenizer(tokenizer_dir, backend="tokenizers" if mode == "tok" else "auto")
 start = time.perf_counter()
-train, evaluation, stats = load_text_blocks(data_dir, tokenizer, 512, cache, 0.001, workers=workers, overwrite_cache=True,
-                                            show_progress=False, fast_tokenization=mode != "hf")
+train, evaluation, stats = load_text_blocks(data_dir, tokenizer, 512, cache, 0.001, workers=workers,
+                                            overwrite_cache=True, show_progress=False, fast_tokenization=mode != "hf")
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "tokens": stats.tokens, "blocks": stats.train_blocks + stats.eval_blocks, "encoder": chosen}))
+print(json.dumps({"seconds": seconds, "tokens": stats.tokens, "blocks": stats.train_blocks + stats.eval_blocks,
+                  "encoder": chosen}))
 """
 
 RAW = r"""
@@ -221,11 +222,12 @@ def print_p1(report: dict) -> None:
         vs_base = s["mb_per_s"] / kinds["baseline"]["mb_per_s"] if "baseline" in kinds else float("nan")
         vs_raw = s["tokens_per_s"] / kinds["raw"]["tokens_per_s"] if "raw" in kinds else float("nan")
         print(
-            f"  {kind:<14} {s['seconds']:8.2f} {s['mb_per_s']:7.2f} {s['tokens_per_s'] / 1e6:8.2f} {gb(s['peak_pss']):>9}  "
-            f"{vs_base:9.2f}x {vs_raw:6.0%}"
+            f"  {kind:<14} {s['seconds']:8.2f} {s['mb_per_s']:7.2f} {s['tokens_per_s'] / 1e6:8.2f} "
+            f"{gb(s['peak_pss']):>9}  {vs_base:9.2f}x {vs_raw:6.0%}"
         )
     print(
-        "  (peak PSS read at RSS highs only, so as not to slow these runs: a lower bound for forked workers; P2 is the memory figure)"
+        "  (peak PSS read at RSS highs only, so as not to slow these runs: a lower bound for forked workers; P2 is the "
+        "memory figure)"
     )
 
 
@@ -257,7 +259,8 @@ def print_p2(report: dict) -> None:
     print(f"  {'text':>8} {'seconds':>8} {'M tokens':>9} {'peak PSS':>9} {'peak RSS':>9}")
     for row in report["rows"]:
         print(
-            f"  {row['size_mb']:6.0f}MB {row['seconds']:8.1f} {row['tokens'] / 1e6:9.1f} {gb(row['peak_pss']):>9} {gb(row['peak_rss']):>9}"
+            f"  {row['size_mb']:6.0f}MB {row['seconds']:8.1f} {row['tokens'] / 1e6:9.1f} {gb(row['peak_pss']):>9} "
+            f"{gb(row['peak_rss']):>9}"
         )
 
 

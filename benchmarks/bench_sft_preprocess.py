@@ -100,7 +100,8 @@ def main() -> None:
         "--accumulation",
         type=int,
         default=16,
-        help="The seed's gradient_accumulation_steps; --group_by_length groups per micro_batch x this (default: %(default)s).",
+        help="The seed's gradient_accumulation_steps; --group_by_length groups per micro_batch x this (default: "
+        "%(default)s).",
     )
     args = parser.parse_args()
 
@@ -146,20 +147,23 @@ def main() -> None:
 
     print(
         f"data: {data if args.data_path else 'People’s Daily conversations'}; {len(conversations)} conversations, "
-        f"{sum(s.turns for s in samples)} assistant turns; tokenizer {tokenizer.name_or_path} ({len(tokenizer)} tokens); template {template.name}"
+        f"{sum(s.turns for s in samples)} assistant turns; tokenizer {tokenizer.name_or_path} ({len(tokenizer)} "
+        f"tokens); template {template.name}"
     )
     print(
-        f"lengths: mean {real / len(lengths):.0f}, max {max(lengths)} tokens; {sum(1 for s in samples if s.truncated)} truncated, "
-        f"{len(samples) - len(kept)} dropped at --model_max_length {args.model_max_length}"
+        f"lengths: mean {real / len(lengths):.0f}, max {max(lengths)} tokens; {sum(1 for s in samples if s.truncated)} "
+        f"truncated, {len(samples) - len(kept)} dropped at --model_max_length {args.model_max_length}"
     )
     print(f"read + check files: {len(conversations) / load_s:,.0f} samples/s")
     print(
-        f"encode, batched (default):        {len(samples) / batched_s:,.0f} samples/s ({sum(lengths) / batched_s:,.0f} tokens/s)"
+        f"encode, batched (default):        {len(samples) / batched_s:,.0f} samples/s ({sum(lengths) / batched_s:,.0f} "
+        "tokens/s)"
     )
     print(f"encode, one per call (lazy mode):  {len(subset) / single_s:,.0f} samples/s")
     print(f"tokens per epoch, micro batches of {args.micro_batch}: real {real:,}")
     print(
-        f"  padded to --model_max_length {args.model_max_length} (FastChat): {fixed:,}  ({fixed / real:.2f}x the real tokens)"
+        f"  padded to --model_max_length {args.model_max_length} (FastChat): {fixed:,}  ({fixed / real:.2f}x the real "
+        "tokens)"
     )
     print(
         f"  padded to the batch's longest, random order (zhtrain): {dynamic_random:,}  ({dynamic_random / real:.2f}x; "

@@ -61,15 +61,17 @@ torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
 # The tokenizer as zhtrain loads it, so that both read the same cached blocks (the seed's slow
 # LlamaTokenizer ids); tokenizing is not part of this measurement.
 tokenizer = load_tokenizer(tokenizer_dir)
-train, _, _ = load_text_blocks(data_dir, tokenizer, 512, cache, 0.001, show_progress=False)  # the same blocks as zhtrain
+# the same blocks as zhtrain
+train, _, _ = load_text_blocks(data_dir, tokenizer, 512, cache, 0.001, show_progress=False)
 model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # --torch_dtype float16: fp32 on CPU
 model.resize_token_embeddings(len(tokenizer))
-peft_config = LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=lora["trainable"].split(","), inference_mode=False,
-                         r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+peft_config = LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=lora["trainable"].split(","),
+                         inference_mode=False, r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                          modules_to_save=lora["modules_to_save"].split(","))
 model = get_peft_model(model, peft_config)
-args = TrainingArguments(output_dir=out, per_device_train_batch_size=1, gradient_accumulation_steps=1, learning_rate=2e-4,
-                         lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.01, max_steps=int(steps),
+args = TrainingArguments(output_dir=out, per_device_train_batch_size=1, gradient_accumulation_steps=1,
+                         learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.01,
+                         max_steps=int(steps),
                          logging_steps=1, save_strategy="no", seed=int(seed), gradient_checkpointing=True,
                          gradient_checkpointing_kwargs={"use_reentrant": False}, report_to="none", use_cpu=True,
                          disable_tqdm=True)
@@ -89,11 +91,14 @@ extra = sys.argv[9:]
 lora = json.loads(lora)
 argv = ["--model_name_or_path", model_dir, "--tokenizer_name_or_path", tokenizer_dir, "--dataset_dir", data_dir,
         "--data_cache_dir", cache, "--output_dir", out, "--overwrite_output_dir", "--block_size", "512",
-        "--validation_split_percentage", "0.001", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1",
+        "--validation_split_percentage", "0.001", "--per_device_train_batch_size", "1",
+        "--gradient_accumulation_steps", "1",
         "--learning_rate", "2e-4", "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.05", "--weight_decay", "0.01",
-        "--max_steps", steps, "--logging_steps", "1", "--save_strategy", "no", "--seed", seed, "--gradient_checkpointing",
+        "--max_steps", steps, "--logging_steps", "1", "--save_strategy", "no", "--seed", seed,
+        "--gradient_checkpointing",
         "--do_train", "--report_to", "none", "--disable_tqdm", "True", "--torch_dtype", "float16",
-        "--trainable", lora["trainable"], "--modules_to_save", lora["modules_to_save"], "--lora_rank", str(lora["rank"]),
+        "--trainable", lora["trainable"], "--modules_to_save", lora["modules_to_save"],
+        "--lora_rank", str(lora["rank"]),
         "--lora_alpha", str(lora["alpha"]), "--lora_dropout", str(lora["dropout"]), *extra]
 result = pretrain(*parse_pretrain_args(argv))
 trainer = result.trainer
@@ -210,8 +215,8 @@ def main(argv=None) -> dict:
             runs[kind].append(result)
             print(
                 f"  P3 run {r + 1}/{args.repeats} {kind:<16} {result['steps']} steps {result['seconds']:6.1f}s  "
-                f"{result['tokens_per_s']:7.0f} tokens/s  peak {gb(result['peak_pss'])} PSS / {gb(result['peak_rss'])} RSS  "
-                f"[{result['trainer']}]",
+                f"{result['tokens_per_s']:7.0f} tokens/s  peak {gb(result['peak_pss'])} PSS / {gb(result['peak_rss'])} "
+                f"RSS  [{result['trainer']}]",
                 flush=True,
             )
     report = {
@@ -266,8 +271,8 @@ def print_report(report: dict) -> None:
             f"{gb(own):>13} {own_ratio:5.2f}x | {gb(s['peak_rss']):>8} | {gap:.2e}"
         )
     print(
-        f"  (import-only process, torch/transformers/peft/zhtrain: {gb(imports)} PSS; 'above imports' = peak PSS minus that: "
-        "the training's own memory)"
+        f"  (import-only process, torch/transformers/peft/zhtrain: {gb(imports)} PSS; 'above imports' = peak PSS minus "
+        "that: the training's own memory)"
     )
 
 

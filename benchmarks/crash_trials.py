@@ -287,8 +287,9 @@ def main(argv=None) -> int:
         print(
             f"kill {k + 1:2d}/{args.kills} {phase:13s} +{trial['delay_s']:.3f}s "
             f"{'(finished first)' if trial['finished_before_kill'] else '':16s} resumed from "
-            f"{Path(trial['resumed_from']).name if trial['resumed_from'] else '-':14s} steps this run {trial['session_steps']:2d} | "
-            f"complete {a['complete']} incomplete {a['incomplete']} half-written {a['half_written']}",
+            f"{Path(trial['resumed_from']).name if trial['resumed_from'] else '-':14s} steps this run "
+            f"{trial['session_steps']:2d} | complete {a['complete']} incomplete {a['incomplete']} half-written "
+            f"{a['half_written']}",
             flush=True,
         )
 

@@ -102,8 +102,8 @@ def main() -> None:
         results[name] = bits_per_character(model, ext_tok, held_out)
 
     print(
-        f"\n{len(held_out)} held-out lines; {len(chinese_old)} old tokens contain Chinese characters; layer {args.layer}, "
-        f"top {args.top}, tau {args.tau}"
+        f"\n{len(held_out)} held-out lines; {len(chinese_old)} old tokens contain Chinese characters; layer "
+        f"{args.layer}, top {args.top}, tau {args.tau}"
     )
     print("| new rows start as | bits/char at step 0 | vs un-extended |")
     print("|---|---|---|")

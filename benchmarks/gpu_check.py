@@ -287,7 +287,8 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     print(
-        f"gpu_check: {'TINY ' if TINY else ''}on {torch.cuda.get_device_name(0) if on_gpu else 'CPU'}, work in {workdir}",
+        f"gpu_check: {'TINY ' if TINY else ''}on {torch.cuda.get_device_name(0) if on_gpu else 'CPU'}, work in "
+        f"{workdir}",
         flush=True,
     )
 
@@ -419,14 +420,16 @@ def main() -> None:
         memory = f"{record['peak_gpu_memory_gib']:.1f}" if record["peak_gpu_memory_gib"] is not None else "n/a"
         tps = f"{record['tokens_per_second']:.0f}" if record["tokens_per_second"] else "n/a"
         print(
-            f"{label:<44} {record['engine']:<28} {tps:>9} {memory:>12} {(f'{100 * value:.1f}%' if value else 'n/a'):>6} "
-            f"{record['losses'][-1]:>9.4f} {record['wall_seconds']:>7.0f}"
+            f"{label:<44} {record['engine']:<28} {tps:>9} {memory:>12} "
+            f"{(f'{100 * value:.1f}%' if value else 'n/a'):>6} {record['losses'][-1]:>9.4f} "
+            f"{record['wall_seconds']:>7.0f}"
         )
         problems += [f"{record['command']}: {p}" for p in check(record, on_gpu)]
     shape = TINY_MODEL if TINY else MODEL
     print(
-        f"(model: {matmul_parameters(shape, TOKENIZER_SIZE) / 1e9:.2f}B matmul weights, {shape['num_hidden_layers']} layers, "
-        f"hidden {shape['hidden_size']}; tokens/s over steps {WARM_STEPS + 2}..end; total {time.perf_counter() - started:.0f}s)"
+        f"(model: {matmul_parameters(shape, TOKENIZER_SIZE) / 1e9:.2f}B matmul weights, {shape['num_hidden_layers']} "
+        f"layers, hidden {shape['hidden_size']}; tokens/s over steps {WARM_STEPS + 2}..end; total "
+        f"{time.perf_counter() - started:.0f}s)"
     )
     if problems:
         raise SystemExit("gpu_check: FAILED: " + "; ".join(problems))

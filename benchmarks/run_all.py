@@ -55,7 +55,8 @@ def main(argv=None) -> None:
     started, wall = datetime.datetime.now(), time.perf_counter()
     info = machine()
     print(
-        f"machine: {info['cpu']}, {info['cores']} cores, {info['memory_gb']} GB, load average {info['load_average_at_start']:.2f}"
+        f"machine: {info['cpu']}, {info['cores']} cores, {info['memory_gb']} GB, load average "
+        f"{info['load_average_at_start']:.2f}"
     )
     commands, report, durations = [], {}, {}
 
@@ -149,11 +150,15 @@ def targets(report: dict) -> list[tuple[str, str, str, str]]:
         )
         if "baseline-fast" in kinds:
             fast = kinds["baseline-fast"]
-            measured += f"; {ours['mb_per_s'] / fast['mb_per_s']:.2f}x the recipe with transformers 5's fast tokenizer ({fast['mb_per_s']:.2f} MB/s)"
+            measured += (
+                f"; {ours['mb_per_s'] / fast['mb_per_s']:.2f}x the recipe with transformers 5's fast tokenizer "
+                f"({fast['mb_per_s']:.2f} MB/s)"
+            )
         tokenizer = {"chinese": "49953"}.get(report["p1"]["tokenizer"], report["p1"]["tokenizer"])
         rows.append(
             (
-                f"P1 preprocessing tokens/s, {report['p1']['size_mb']:.0f} MB, {tokenizer} tokenizer, {report['p1']['workers']} workers",
+                f"P1 preprocessing tokens/s, {report['p1']['size_mb']:.0f} MB, {tokenizer} tokenizer, "
+                f"{report['p1']['workers']} workers",
                 ">= 4x baseline and >= 80% of raw sentencepiece",
                 measured,
                 yes(speed >= 4 and of_raw >= 0.8),
@@ -177,7 +182,10 @@ def targets(report: dict) -> list[tuple[str, str, str, str]]:
         base, ours = kinds["baseline"], kinds["zhtrain"]
         speed = ours["tokens_per_s"] / base["tokens_per_s"]
         gap = bench_train.max_loss_gap(ours["losses"], base["losses"])
-        measured = f"{speed:.2f}x ({ours['tokens_per_s']:.0f} vs {base['tokens_per_s']:.0f} tokens/s); largest loss gap {gap:.1e}"
+        measured = (
+            f"{speed:.2f}x ({ours['tokens_per_s']:.0f} vs {base['tokens_per_s']:.0f} tokens/s); largest loss gap "
+            f"{gap:.1e}"
+        )
         if "baseline-passive" in kinds:
             passive = kinds["baseline-passive"]
             measured += (
@@ -188,7 +196,8 @@ def targets(report: dict) -> list[tuple[str, str, str, str]]:
             redraw = kinds["zhtrain-redraw"]
             measured += (
                 f"; zhtrain drawing LoRA dropout masks twice (--keep_dropout_masks False): "
-                f"{redraw['tokens_per_s']:.0f} tokens/s, loss gap {bench_train.max_loss_gap(redraw['losses'], ours['losses']):.1e} to zhtrain"
+                f"{redraw['tokens_per_s']:.0f} tokens/s, loss gap "
+                f"{bench_train.max_loss_gap(redraw['losses'], ours['losses']):.1e} to zhtrain"
             )
         rows.append(
             (
@@ -205,8 +214,8 @@ def targets(report: dict) -> list[tuple[str, str, str, str]]:
             (
                 "P4 pre-training peak memory",
                 "<= 0.6x baseline",
-                f"{memory:.2f}x ({gb(ours['peak_pss'])} vs {gb(base['peak_pss'])} PSS); above a process that only imports "
-                f"the libraries ({gb(imports)}): {above:.2f}x",
+                f"{memory:.2f}x ({gb(ours['peak_pss'])} vs {gb(base['peak_pss'])} PSS); above a process that only "
+                f"imports the libraries ({gb(imports)}): {above:.2f}x",
                 yes(memory <= 0.6),
             )
         )
@@ -239,8 +248,9 @@ def render(info, report, commands, durations, total, started, quick) -> str:
     out = [
         "# zhtrain benchmarks",
         "",
-        f"Written by `make bench` (`python benchmarks/run_all.py{' --quick' if quick else ''}`) on {started:%Y-%m-%d %H:%M}, "
-        f"{total / 60:.1f} minutes ({', '.join(f'{k} {v / 60:.1f} min' for k, v in durations.items())}).",
+        f"Written by `make bench` (`python benchmarks/run_all.py{' --quick' if quick else ''}`) on "
+        f"{started:%Y-%m-%d %H:%M}, {total / 60:.1f} minutes "
+        f"({', '.join(f'{k} {v / 60:.1f} min' for k, v in durations.items())}).",
         "Every run is a fresh child process; zhtrain and the baseline alternate; figures are medians.",
         "",
         "## Machine",
@@ -269,7 +279,8 @@ def render(info, report, commands, durations, total, started, quick) -> str:
             "",
         ]
         out += [
-            f"Tokenization path chosen by zhtrain: {'; '.join(report['p1']['kinds']['zhtrain'].get('encoder') or ['-'])}.",
+            "Tokenization path chosen by zhtrain: "
+            f"{'; '.join(report['p1']['kinds']['zhtrain'].get('encoder') or ['-'])}.",
             "",
         ]
         out += ["Each run, MB/s (the spread shows how much other work on the machine moved the figures):", ""]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import re
+import shlex
 from pathlib import Path
 
 CHARS = "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可也你能而子那得白日依山尽黄河入海流"
@@ -69,3 +71,56 @@ def make_text_dir(folder: Path, files: int = 2, lines: int = 200) -> Path:
     for k in range(files):
         (folder / f"part{k}.txt").write_text("\n".join(make_lines(lines, seed=10 + k)) + "\n", encoding="utf-8")
     return folder
+
+
+def write_corpus(path: Path, lines: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def chinese_lines(n: int, seed: int = 5) -> list[str]:
+    """Chinese text with recurring words, so that multi-character pieces are worth learning."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["黄河", "中国", "人民", "发展", "经济", "白日", "大海", "山川", "国家", "时代"]
+    return [
+        "".join(rng.choice(words) if rng.random() < 0.6 else rng.choice(CHARS) for _ in range(rng.randint(8, 30)))
+        + "。"
+        for _ in range(n)
+    ]
+
+
+def make_bpe_tokenizer(folder: Path, vocab_size: int = 320) -> Path:
+    """A tiny SmolLM2-style tokenizer: byte-level BPE trained on English only."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    english = [f"the number {i} is {i * 7 % 1000} and the river runs to the sea" for i in range(500)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        show_progress=False,
+    )
+    tok.train_from_iterator(english, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>"
+    )
+    fast.save_pretrained(str(folder))
+    return folder
+
+
+def seed_script_args(script: Path, substitutions: dict) -> list[str]:
+    """The argument list of the torchrun line in a seed-style shell script, variables filled in."""
+    text = script.read_text()
+    variables = dict(re.findall(r"^(\w+)=(\S+)$", text, flags=re.M))
+    variables.update(substitutions)
+    command = text[text.index("torchrun") :].replace("\\\n", " ")
+    command = re.sub(r"\$\{?(\w+)\}?", lambda m: variables.get(m.group(1), "1"), command)
+    argv = shlex.split(command)
+    return argv[argv.index("zhtrain.pretrain") + 1 :]

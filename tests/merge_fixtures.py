@@ -39,7 +39,13 @@ def make_adapter(
         resize_embeddings(model, len(AutoTokenizer.from_pretrained(str(tokenizer_dir))), init="mean")
     if modules_to_save:
         untie_embeddings(model)
-    config = LoraConfig(target_modules=list(targets), r=r, lora_alpha=alpha, modules_to_save=list(modules_to_save) or None, **lora_kwargs)
+    config = LoraConfig(
+        target_modules=list(targets),
+        r=r,
+        lora_alpha=alpha,
+        modules_to_save=list(modules_to_save) or None,
+        **lora_kwargs,
+    )
     torch.manual_seed(seed)  # PEFT draws lora_A from the global generator
     peft_model = get_peft_model(model, config)
     generator = torch.Generator().manual_seed(seed)
@@ -56,7 +62,13 @@ def make_adapter(
 
 
 def copy_tokenizer(source: Path, dest: Path) -> None:
-    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+    for name in (
+        "tokenizer.model",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+    ):
         if (Path(source) / name).is_file():
             shutil.copyfile(Path(source) / name, Path(dest) / name)
 

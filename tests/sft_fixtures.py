@@ -53,7 +53,11 @@ def write_sharegpt(path: Path, copies: int = 1, conversations=CONVERSATIONS) -> 
 
 def write_alpaca(path: Path, n: int = 8) -> Path:
     records = [
-        {"instruction": f"把数字 {k} 写成中文", "input": "" if k % 2 else "用一个字", "output": "一二三四五六七八"[k % 8]}
+        {
+            "instruction": f"把数字 {k} 写成中文",
+            "input": "" if k % 2 else "用一个字",
+            "output": "一二三四五六七八"[k % 8],
+        }
         for k in range(n)
     ]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,8 @@ class TrainArguments:
         at_least(self.input_sentence_size, 0, "--input_sentence_size")
         if not 0.98 <= self.character_coverage <= 1:
             raise ZhtrainError(
-                f"--character_coverage {self.character_coverage}: sentencepiece takes 0.98 to 1 (0.9995 for Chinese, 1 for small alphabets)"
+                f"--character_coverage {self.character_coverage}: sentencepiece takes 0.98 to 1 (0.9995 for Chinese, 1 "
+                "for small alphabets)"
             )
 
 
@@ -146,7 +147,8 @@ def train(args: TrainArguments) -> Path:
     say(f"{len(proto.pieces):,} pieces from {counted.count:,} lines -> {final}")
     say(f"{POEM} -> {' '.join(sp.pieces_of(proto, POEM))}")
     say(
-        f"next: zhtrain tokenizer merge --llama_tokenizer_dir <llama tokenizer> --chinese_sp_model_file {final} --output_dir <folder>"
+        f"next: zhtrain tokenizer merge --llama_tokenizer_dir <llama tokenizer> --chinese_sp_model_file {final} "
+        "--output_dir <folder>"
     )
     return final
 
@@ -172,7 +174,8 @@ def merge(args: MergeArguments) -> Path:
     added = size - len(base.pieces) - (1 if args.add_pad_token else 0)
     pad = f" + {sp.PAD_PIECE}" if args.add_pad_token else ""
     say(
-        f"{len(base.pieces):,} base pieces + {added:,} new from {args.chinese_sp_model_file}{pad} = {size:,} -> {args.output_dir}"
+        f"{len(base.pieces):,} base pieces + {added:,} new from {args.chinese_sp_model_file}{pad} = {size:,} -> "
+        f"{args.output_dir}"
     )
     say(f"{POEM}  base: {' '.join(sp.pieces_of(base, POEM))}")
     say(f"{POEM}  merged: {' '.join(sp.pieces_of(merged, POEM))}")
@@ -204,7 +207,8 @@ def extend(args: ExtendArguments) -> Path:
         corpus.require_text(files)
         lines = corpus.reservoir_sample(held_out.split(corpus.iter_lines(files)), args.input_sentence_size)
         say(
-            f"learning up to {args.num_new_tokens:,} tokens from {len(lines):,} lines ({len(held_out.lines):,} held out)"
+            f"learning up to {args.num_new_tokens:,} tokens from {len(lines):,} lines ({len(held_out.lines):,} held "
+            "out)"
         )
         learned = bpe.learn_tokens(spec, lines, args.num_new_tokens, args.min_frequency)
         if not learned.tokens:
@@ -241,13 +245,15 @@ def extend(args: ExtendArguments) -> Path:
         }
         folder.write_record(tmp, record)
     say(
-        f"{len(base):,} tokens + {record['learned']:,} learned + {len(listed):,} listed = {len(tokenizer):,} -> {args.output_dir}"
+        f"{len(base):,} tokens + {record['learned']:,} learned + {len(listed):,} listed = {len(tokenizer):,} -> "
+        f"{args.output_dir}"
     )
     if learned is not None:
         say(f"first learned: {bpe.readable(tokenizer, learned.tokens)}")
     if before and after:
         say(
-            f"tokens per character on {len(held_out.lines):,} held-out lines: {before:.3f} -> {after:.3f} ({100 * (after / before - 1):+.1f}%)"
+            f"tokens per character on {len(held_out.lines):,} held-out lines: {before:.3f} -> {after:.3f} "
+            f"({100 * (after / before - 1):+.1f}%)"
         )
     return Path(args.output_dir)
 

@@ -33,7 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("zhtrain.inspect", "which vocabulary mode applies, tokens per character, what a LoRA run would train"),
     "launch": (
         "zhtrain.launch",
-        "torchrun with fail-fast rendezvous checks and a one-line failure summary: zhtrain launch [torchrun flags] <command> ...",
+        "torchrun with fail-fast rendezvous checks and a one-line failure summary: zhtrain launch [torchrun flags] "
+        "<command> ...",
     ),
     "demo": ("zhtrain.demo", "the main job on a real model and real Chinese text, end to end"),
 }

@@ -65,7 +65,10 @@ class GgufOptions:
 
 
 def usage() -> str:
-    return "usage: zhtrain export gguf MODEL_DIR [--outfile FILE] [--outtype f16] [--overwrite]\n\nformats:\n  gguf  llama.cpp's GGUF (convert_hf_to_gguf.py)"
+    return (
+        "usage: zhtrain export gguf MODEL_DIR [--outfile FILE] [--outtype f16] [--overwrite]\n\n"
+        "formats:\n  gguf  llama.cpp's GGUF (convert_hf_to_gguf.py)"
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -98,7 +101,8 @@ def parse_gguf_args(argv: list[str]) -> GgufOptions:
         "--check",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="Load the GGUF with xllamacpp and compare its tokenization with the HF tokenizer (default: when installed).",
+        help="Load the GGUF with xllamacpp and compare its tokenization with the HF tokenizer (default: when "
+        "installed).",
     )
     ns = p.parse_args(argv)
     model_dir = Path(ns.model_dir)
@@ -129,7 +133,8 @@ def export_gguf(opts: GgufOptions) -> Path:
             raise ZhtrainError(f"llama.cpp's converter reported success but wrote no {tmp}; see its log above")
     size = opts.outfile.stat().st_size
     print(
-        f"zhtrain export: {opts.outfile} ({size / 2**20:.1f} MiB, {opts.outtype}) in {time.perf_counter() - start:.1f}s",
+        f"zhtrain export: {opts.outfile} ({size / 2**20:.1f} MiB, {opts.outtype}) in "
+        f"{time.perf_counter() - start:.1f}s",
         flush=True,
     )
     check_tokenization(opts)
@@ -246,15 +251,16 @@ def check_tokenization(opts: GgufOptions) -> Optional[dict]:
     if differing:
         line = differing[0]
         print(
-            f"zhtrain export: warning: the Hugging Face tokenizer (tokenizer.json, which zhtrain trains with) tokenizes "
-            f"{len(differing)} of {len(CHECK_LINES)} sample lines differently from tokenizer.model, which llama.cpp follows: "
-            f"{line!r} -> {hf[line]} vs {gguf[line]}. transformers' conversion of appended SentencePiece pieces does not "
-            "reproduce SentencePiece's choices; the GGUF will see other tokens than training did",
+            "zhtrain export: warning: the Hugging Face tokenizer (tokenizer.json, which zhtrain trains with) tokenizes "
+            f"{len(differing)} of {len(CHECK_LINES)} sample lines differently from tokenizer.model, which llama.cpp "
+            f"follows: {line!r} -> {hf[line]} vs {gguf[line]}. transformers' conversion of appended SentencePiece "
+            "pieces does not reproduce SentencePiece's choices; the GGUF will see other tokens than training did",
             file=sys.stderr,
             flush=True,
         )
     print(
-        f"zhtrain export: llama.cpp loads {opts.outfile.name} and tokenizes {len(CHECK_LINES)} sample lines exactly as {source}",
+        f"zhtrain export: llama.cpp loads {opts.outfile.name} and tokenizes {len(CHECK_LINES)} sample lines exactly as "
+        f"{source}",
         flush=True,
     )
     return {"gguf": gguf, "hf_differs": differing}

@@ -331,7 +331,10 @@ def model_context(opts: GenerateOptions) -> Optional[int]:
 def too_long(ids: list[int], context: Optional[int]) -> Optional[str]:
     """Why this prompt cannot be answered within the model's context, or None."""
     if context and len(ids) >= context:
-        return f"the prompt is {len(ids)} tokens, the model's context {context} positions; shorten it, or pass --alpha to stretch the context (NTK)"
+        return (
+            f"the prompt is {len(ids)} tokens, the model's context {context} positions; shorten it, or pass --alpha to "
+            "stretch the context (NTK)"
+        )
     return None
 
 

@@ -148,7 +148,8 @@ def first_different_id(own, tokenizer) -> Optional[int]:
         if a != b:
             show(
                 "ids",
-                f"WARNING: id {index} is {a!r} for the model but {b!r} here: the model's rows would be read as other tokens",
+                f"WARNING: id {index} is {a!r} for the model but {b!r} here: the model's rows would be read as other "
+                "tokens",
             )
             return index
     show("ids", f"the first {n:,} ids are the model tokenizer's: this tokenizer extends it")
@@ -160,7 +161,8 @@ def describe_new_rows(tokenizer, own, rows: int, size: int) -> dict:
     if own is None:
         show(
             "new rows",
-            f"{size - rows:,}; the model folder has no tokenizer, so --new_token_init subword_mean falls back to the mean",
+            f"{size - rows:,}; the model folder has no tokenizer, so --new_token_init subword_mean falls back to the "
+            "mean",
         )
         return {"count": size - rows, "spelled": 0}
     pieces = subword_pieces(tokenizer, own, rows, size)

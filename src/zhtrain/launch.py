@@ -86,7 +86,8 @@ def _check_can_host(addr: str, port: int, flags: str) -> None:
         except OSError as err:
             if err.errno == errno.EADDRINUSE:
                 raise ZhtrainError(
-                    f"{flags}: port {port} is already in use on this machine; pick a free --master_port (the same on every node)"
+                    f"{flags}: port {port} is already in use on this machine; pick a free --master_port (the same on "
+                    "every node)"
                 ) from None
             raise
 

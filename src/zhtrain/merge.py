@@ -167,8 +167,8 @@ def merge(opts: MergeOptions) -> dict:
         summary["verification"] = maybe_verify(plan, opts, tmp, config)
         write_json_atomic(tmp / "zhtrain_merge.json", summary)
     print(
-        f"zhtrain merge: {len(adapters)} adapter(s) merged into {opts.output_dir} ({opts.output_type}, vocab {plan.final_vocab}) "
-        f"in {time.perf_counter() - start:.1f}s",
+        f"zhtrain merge: {len(adapters)} adapter(s) merged into {opts.output_dir} ({opts.output_type}, vocab "
+        f"{plan.final_vocab}) in {time.perf_counter() - start:.1f}s",
         flush=True,
     )
     return summary
@@ -184,7 +184,8 @@ def output_folder(dest: Path) -> Iterator[Path]:
     except OSError as err:
         if err.errno == errno.ENOSPC:
             raise ZhtrainError(
-                f"--output_dir {dest}: the disk filled up while writing; free space and run again (nothing was left behind)"
+                f"--output_dir {dest}: the disk filled up while writing; free space and run again (nothing was left "
+                "behind)"
             ) from err
         raise
 
@@ -310,8 +311,8 @@ def check_output_dir(opts: MergeOptions) -> None:
     )
     if out.exists() and not opts.overwrite:
         raise ZhtrainError(
-            f"--output_dir {opts.output_dir} exists; pass --overwrite to replace it (the old folder stays until the new one "
-            "is complete) or choose another folder"
+            f"--output_dir {opts.output_dir} exists; pass --overwrite to replace it (the old folder stays until the "
+            "new one is complete) or choose another folder"
         )
     check_writable(opts.output_dir, "--output_dir")  # a path under a file / read-only: one line, not a traceback
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -323,8 +324,8 @@ def check_disk_space(plan: MergePlan, opts: MergeOptions) -> None:
     free = shutil.disk_usage(opts.output_dir.resolve().parent).free
     if need > free:
         raise ZhtrainError(
-            f"--output_dir {opts.output_dir}: the merged model needs ~{need / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB "
-            "are free there; free space or choose another disk"
+            f"--output_dir {opts.output_dir}: the merged model needs ~{need / 2**30:.1f} GiB but only "
+            f"{free / 2**30:.1f} GiB are free there; free space or choose another disk"
         )
 
 
@@ -350,8 +351,9 @@ def maybe_verify(plan: MergePlan, opts: MergeOptions, out: Path, config: dict) -
     )
     if not diff <= tolerance:
         raise ZhtrainError(
-            f"verification failed: max |logit difference| {diff:.3g} exceeds {tolerance:.3g} between the merged model and "
-            f"base + adapters through PEFT; nothing was written to {opts.output_dir} (report this with the adapters' configs)"
+            f"verification failed: max |logit difference| {diff:.3g} exceeds {tolerance:.3g} between the merged model "
+            f"and base + adapters through PEFT; nothing was written to {opts.output_dir} (report this with the "
+            "adapters' configs)"
         )
     return {"max_abs_logit_diff": diff, "tolerance": tolerance, "inputs": inputs}
 

@@ -124,8 +124,9 @@ class PretrainLoraArguments(LoraArguments):
     training_stage: str = field(
         default="lora",
         metadata={
-            "help": "lora: Stage 2, LoRA + the --modules_to_save (the seed's run). embeddings: Stage 1, only embed_tokens "
-            "and lm_head are trained, the transformer is frozen (pt_lora_model keeps the standard layout, its LoRA at zero).",
+            "help": "lora: Stage 2, LoRA + the --modules_to_save (the seed's run). embeddings: Stage 1, only "
+            "embed_tokens and lm_head are trained, the transformer is frozen (pt_lora_model keeps the standard layout, "
+            "its LoRA at zero).",
             "choices": ["lora", "embeddings"],
         },
     )
@@ -207,7 +208,8 @@ def choose_block_size(requested: Optional[int], config) -> int:
         raise ZhtrainError(f"--block_size {requested}: must be at least 2 tokens")
     if requested > context:
         raise ZhtrainError(
-            f"--block_size {requested} is larger than the model's context ({context} positions); use --block_size {context} or less"
+            f"--block_size {requested} is larger than the model's context ({context} positions); use --block_size "
+            f"{context} or less"
         )
     return requested
 
@@ -345,7 +347,8 @@ def pretrain(model_args, data_args, lora_args, training_args) -> RunResult:
         )
         report_path = write_report(training_args.output_dir, report, trainer.state.log_history)
         print(
-            f"zhtrain pretrain: done in {time.perf_counter() - started:.0f}s; {summary_line(report)}; report in {report_path}",
+            f"zhtrain pretrain: done in {time.perf_counter() - started:.0f}s; {summary_line(report)}; report in "
+            f"{report_path}",
             flush=True,
         )
     return RunResult(metrics, trainer)

@@ -2,8 +2,10 @@
 
 Both seed commands run with only the program name changed:
 
-    torchrun --nproc_per_node=8 -m zhtrain.sft --data_path conv.json --fsdp "full_shard auto_wrap" ...   # FastChat train_mem.py
-    torchrun --nnodes 1 --nproc_per_node 1 -m zhtrain.sft --dataset_dir data --lora_rank 8 ...          # Chinese-Alpaca run_sft.sh
+    # FastChat train_mem.py
+    torchrun --nproc_per_node=8 -m zhtrain.sft --data_path conv.json --fsdp "full_shard auto_wrap" ...
+    # Chinese-Alpaca run_sft.sh
+    torchrun --nnodes 1 --nproc_per_node 1 -m zhtrain.sft --dataset_dir data --lora_rank 8 ...
 
 LoRA SFT when `--lora_rank` or `--peft_path` is given (writes `sft_lora_model/` like
 `pt_lora_model/`), full fine-tuning otherwise (FastChat; writes a transformers model folder);
@@ -257,11 +259,13 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
         )
         if training_args.train_sampling_strategy == "group_by_length":
             logger.warning(
-                "--group_by_length needs every sample's length: with --lazy_preprocess each sample is tokenized once more up front for it"
+                "--group_by_length needs every sample's length: with --lazy_preprocess each sample is tokenized once "
+                "more up front for it"
             )
         summaries = {}
         logger.info(
-            "data: %d conversations, encoded lazily when the trainer asks (truncated or dropped samples are reported then)",
+            "data: %d conversations, encoded lazily when the trainer asks (truncated or dropped samples are reported "
+            "then)",
             len(train_convs),
         )
     else:
@@ -354,8 +358,8 @@ def sft(model_args, data_args, lora_args, training_args) -> RunResult:
         )
         report_path = write_report(training_args.output_dir, report, trainer.state.log_history)
         print(
-            f"zhtrain sft: done in {time.perf_counter() - run_started:.0f}s; {summary_line(report)} (template {template.name}); "
-            f"report in {report_path}",
+            f"zhtrain sft: done in {time.perf_counter() - run_started:.0f}s; {summary_line(report)} (template "
+            f"{template.name}); report in {report_path}",
             flush=True,
         )
     return RunResult(metrics, trainer)
@@ -365,7 +369,8 @@ def choose_max_length(data_args, config) -> int:
     given = {v for v in (data_args.model_max_length, data_args.max_seq_length) if v is not None}
     if len(given) > 1:
         raise ZhtrainError(
-            f"--model_max_length {data_args.model_max_length} and --max_seq_length {data_args.max_seq_length} disagree; they are the same setting, pass one"
+            f"--model_max_length {data_args.model_max_length} and --max_seq_length {data_args.max_seq_length} "
+            "disagree; they are the same setting, pass one"
         )
     length = given.pop() if given else DEFAULT_MAX_LENGTH
     context = getattr(config, "max_position_embeddings", None)
@@ -373,7 +378,8 @@ def choose_max_length(data_args, config) -> int:
         raise ZhtrainError(f"--model_max_length {length}: must be at least 2 tokens")
     if context and length > context:
         raise ZhtrainError(
-            f"--model_max_length {length} is larger than the model's context ({context} positions); use {context} or less"
+            f"--model_max_length {length} is larger than the model's context ({context} positions); use {context} or "
+            "less"
         )
     return length
 
@@ -406,8 +412,8 @@ def finish_preprocess_only(data_args, training_args, summaries, samples, seconds
         for name, summary in summaries.items():
             print(f"zhtrain sft: {summary.line(name)}", flush=True)
         print(
-            f"zhtrain sft: encoded {len(samples)} samples in {seconds:.2f} s ({len(samples) / max(seconds, 1e-9):.0f} samples/s)"
-            + (f"; written to {data_args.preprocessed_output}" if data_args.preprocessed_output else ""),
+            f"zhtrain sft: encoded {len(samples)} samples in {seconds:.2f} s ({len(samples) / max(seconds, 1e-9):.0f} "
+            "samples/s)" + (f"; written to {data_args.preprocessed_output}" if data_args.preprocessed_output else ""),
             flush=True,
         )
     metrics = {
@@ -441,7 +447,8 @@ def modules_to_save(lora_args) -> list[str]:
             return list(json.loads(config.read_text(encoding="utf-8")).get("modules_to_save") or [])
         except (OSError, ValueError) as err:
             raise ZhtrainError(
-                f"--peft_path {lora_args.peft_path}: cannot read adapter_config.json ({err}); pass a LoRA adapter folder"
+                f"--peft_path {lora_args.peft_path}: cannot read adapter_config.json ({err}); pass a LoRA adapter "
+                "folder"
             ) from err
     return lora_args.modules_to_save_list
 
@@ -452,8 +459,8 @@ def check_vocabulary(model_rows: int, tokenizer_len: int) -> None:
     tokenizer is fine for a padded embedding matrix, not for one of the seed's sizes."""
     if tokenizer_len < model_rows and model_rows in SEED_VOCAB_SIZES:
         raise ZhtrainError(
-            f"tokenizer has {tokenizer_len} tokens but the model has {model_rows} rows: this is not the model's tokenizer; "
-            "pass the tokenizer the model was trained with"
+            f"tokenizer has {tokenizer_len} tokens but the model has {model_rows} rows: this is not the model's "
+            "tokenizer; pass the tokenizer the model was trained with"
         )
 
 
@@ -486,7 +493,8 @@ def build_lora_model(model, tokenizer, model_args, lora_args, training_args):
     )
     if grew and "embed_tokens" not in fully_trained:
         logger.warning(
-            "the new tokens' embedding rows stay untrained under LoRA; add --modules_to_save embed_tokens,lm_head to train them"
+            "the new tokens' embedding rows stay untrained under LoRA; add --modules_to_save embed_tokens,lm_head to "
+            "train them"
         )
     model = apply_lora(model, lora_args, training_args.gradient_checkpointing)
     if (training_args.fp16 or training_args.bf16) and not training_args.deepspeed:

@@ -231,7 +231,8 @@ def to_conversation(record: dict, data_format: str, where: str, default_id: str)
         turns = record.get(key)
         if not isinstance(turns, list):
             raise ZhtrainError(
-                f"{where}: '{key}' must be a list of messages (this file is read as {data_format}); fix the record or pass --data_format"
+                f"{where}: '{key}' must be a list of messages (this file is read as {data_format}); fix the record or "
+                "pass --data_format"
             )
         messages = [_message(turn, k, role_key, text_key, roles, where) for k, turn in enumerate(turns)]
     unanswered = 0

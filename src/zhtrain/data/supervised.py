@@ -148,8 +148,8 @@ def summarize(
         )
     if summary.samples and summary.dropped == summary.samples:
         raise ZhtrainError(
-            f"{name}{' (' + describe_files(files) + ')' if files else ''}: all {summary.samples} samples were dropped: their prompts alone do not fit {flag} {max_length}; "
-            f"raise {flag} or shorten the prompts"
+            f"{name}{' (' + describe_files(files) + ')' if files else ''}: all {summary.samples} samples were dropped: "
+            f"their prompts alone do not fit {flag} {max_length}; raise {flag} or shorten the prompts"
         )
     return summary
 
@@ -273,5 +273,6 @@ def choose_pad_token(tokenizer) -> str:
             tokenizer.pad_token = token
             return f"pad token {token!r} (the tokenizer has no pad token; its {name[:3]} is used, masked everywhere)"
     raise ZhtrainError(
-        f"tokenizer {tokenizer.name_or_path}: no pad, unk or eos token to pad batches with; add a pad token to the tokenizer"
+        f"tokenizer {tokenizer.name_or_path}: no pad, unk or eos token to pad batches with; add a pad token to the "
+        "tokenizer"
     )

@@ -31,8 +31,10 @@ differ by a space at reply boundaries with byte-level BPE tokenizers, so prefer 
 
 Templates (the table `TEMPLATES` below is the only place they are defined):
   vicuna_v1.1  FastChat's (the seed's train_mem.py): "<s>{system} USER: {q} ASSISTANT: {a}</s>USER: ..."
-  alpaca       Chinese-Alpaca's training prompt (run_clm_sft_with_peft.py): "<s>{system}\\n\\n### Instruction:\\n{q}\\n\\n### Response: {a}</s>"
-  llama2_chat  Chinese-Alpaca-2's: "<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{q} [/INST] {a}</s><s>[INST] {q2} [/INST]"
+  alpaca       Chinese-Alpaca's training prompt (run_clm_sft_with_peft.py):
+               "<s>{system}\\n\\n### Instruction:\\n{q}\\n\\n### Response: {a}</s>"
+  llama2_chat  Chinese-Alpaca-2's:
+               "<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{q} [/INST] {a}</s><s>[INST] {q2} [/INST]"
   tokenizer    the model's own `chat_template` (apply_chat_template), e.g. SmolLM2's ChatML
 The built-in templates end a reply with the tokenizer's EOS (FastChat's "</s>" is LLaMA's EOS) and
 start with its BOS when it has one (as pre-training documents do).
@@ -174,7 +176,8 @@ TEMPLATES: dict[str, Template] = {
         Template(
             name="alpaca",
             description="Chinese-Alpaca's training prompt (run_clm_sft_with_peft.py)",
-            default_system="Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+            default_system="Below is an instruction that describes a task. Write a response that appropriately "
+            "completes the request.",
             first_user="{system}\n\n### Instruction:\n{query}\n\n### Response: ",
             next_user="### Instruction:\n{query}\n\n### Response: ",
             reply_separator="",
@@ -261,7 +264,8 @@ def split_turns(
         expected = "user" if k % 2 == 0 else "assistant"
         if role != expected:
             raise ZhtrainError(
-                f"message {k + (system is not None)}: role {role!r} where {expected!r} is expected; roles must alternate user/assistant"
+                f"message {k + (system is not None)}: role {role!r} where {expected!r} is expected; roles must "
+                "alternate user/assistant"
             )
         if expected == "user":
             turns.append((message["content"], None))
@@ -293,7 +297,8 @@ def _require_chat_template(tokenizer, name: str) -> None:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         where = getattr(tokenizer, "name_or_path", "the tokenizer")
         raise ZhtrainError(
-            f"--template {name}: tokenizer {where} has no chat_template; choose --template {', '.join(t for t in TEMPLATES if t != name)}"
+            f"--template {name}: tokenizer {where} has no chat_template; choose --template "
+            f"{', '.join(t for t in TEMPLATES if t != name)}"
         )
 
 
@@ -311,7 +316,8 @@ def _chat_template_segments(tokenizer, messages: Messages, name: str, for_genera
             return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
         except Exception as err:  # jinja raises its own types (e.g. a template that refuses system messages)
             raise ZhtrainError(
-                f"--template {name}: the tokenizer's chat_template fails on this conversation ({err}); choose a built-in template"
+                f"--template {name}: the tokenizer's chat_template fails on this conversation ({err}); choose a "
+                "built-in template"
             ) from err
 
     specials = sorted(
@@ -340,7 +346,8 @@ def _chat_template_segments(tokenizer, messages: Messages, name: str, for_genera
         if end is None:
             raise ZhtrainError(
                 f"--template {name}: the chat_template puts no end-of-turn special token after a reply, so the model "
-                f"would never learn to stop; choose a built-in template ({', '.join(t for t in TEMPLATES if t != name)})"
+                "would never learn to stop; choose a built-in template "
+                f"({', '.join(t for t in TEMPLATES if t != name)})"
             )
         segments += [
             Segment(added[:start], parse_special=True),

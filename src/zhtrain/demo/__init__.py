@@ -415,7 +415,8 @@ def sft_chat(model_dir: Path, opts: DemoOptions) -> dict:
     question = out / "question.txt"
     question.write_text(SFT_QUESTION + "\n", encoding="utf-8")
     say(
-        f"chat: zhtrain generate --base_model {model_dir} --lora_model {adapter} --with_prompt (template from {adapter.name}/zhtrain_template.json)"
+        f"chat: zhtrain generate --base_model {model_dir} --lora_model {adapter} --with_prompt (template from "
+        f"{adapter.name}/zhtrain_template.json)"
     )
     (answer,) = generate(
         parse_generate_args(
@@ -531,7 +532,8 @@ def report(result: DemoResult) -> None:
     if vocabulary.get("bits_per_character"):
         bpc = vocabulary["bits_per_character"]
         say(
-            f"validation bits per character: {bpc['before']:.3f} before -> {bpc['after']:.3f} after (comparable across tokenizers)"
+            f"validation bits per character: {bpc['before']:.3f} before -> {bpc['after']:.3f} after (comparable across "
+            "tokenizers)"
         )
     say(
         f"validation perplexity: {result.perplexity_before:.2f} before -> {result.perplexity_after:.2f} after "
@@ -554,7 +556,8 @@ def report(result: DemoResult) -> None:
     if result.sft:
         sft = result.sft
         say(
-            f"sft: held-out conversation loss {sft['loss_before']:.3f} before -> {sft['loss_after']:.3f} after; adapter in {sft['adapter']}/"
+            f"sft: held-out conversation loss {sft['loss_before']:.3f} before -> {sft['loss_after']:.3f} after; "
+            f"adapter in {sft['adapter']}/"
         )
         say(f"chat: {sft['question']} -> {sft['answer']}")
     say(f"total time {minutes}m{seconds:02d}s; LoRA adapter (with embed_tokens/lm_head) in {result.adapter_dir}/")

@@ -99,7 +99,8 @@ def check_deepspeed_config(value, fp16: bool, bf16: bool, on_gpu: bool) -> dict:
             )
         if value_in_file is False and wanted[name]:
             raise ZhtrainError(
-                f'{source}: {name}.enabled is false but --{name} was passed; set {name}.enabled to "auto" or drop --{name}'
+                f'{source}: {name}.enabled is false but --{name} was passed; set {name}.enabled to "auto" or drop '
+                f"--{name}"
             )
     for name, value_in_file in enabled.items():
         if value_in_file is True and not on_gpu:

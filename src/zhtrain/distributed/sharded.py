@@ -129,7 +129,8 @@ def layer_classes(model, requested: Optional[list[str]] = None) -> list[type]:
     found = [present[name] for name in names if name in present]
     if not found:
         raise ZhtrainError(
-            f"{type(base).__name__}: none of its _no_split_modules ({', '.join(names)}) is in the model; pass --fsdp_transformer_layer_cls_to_wrap"
+            f"{type(base).__name__}: none of its _no_split_modules ({', '.join(names)}) is in the model; pass "
+            "--fsdp_transformer_layer_cls_to_wrap"
         )
     return found
 

@@ -36,8 +36,8 @@ def load_config(model_args):
             config.update_from_string(model_args.config_overrides)
         except ValueError as err:  # an unknown key or a malformed pair
             raise ZhtrainError(
-                f"--config_overrides {model_args.config_overrides!r}: {err}; write key=value pairs separated by commas, "
-                "with keys from the model's config.json"
+                f"--config_overrides {model_args.config_overrides!r}: {err}; write key=value pairs separated by "
+                "commas, with keys from the model's config.json"
             ) from err
     if model_args.model_name_or_path:
         check_weight_files(Path(model_args.model_name_or_path))

@@ -41,8 +41,8 @@ def read_bpe_json(folder: Path, flag: str = "--tokenizer_name_or_path") -> dict:
     if not path.is_file():
         if (Path(folder) / "tokenizer.model").is_file():
             raise ZhtrainError(
-                f"{flag} {folder}: a SentencePiece tokenizer (tokenizer.model, no tokenizer.json); learn Chinese pieces "
-                "with `zhtrain tokenizer train` and append them with `zhtrain tokenizer merge`"
+                f"{flag} {folder}: a SentencePiece tokenizer (tokenizer.model, no tokenizer.json); learn Chinese "
+                "pieces with `zhtrain tokenizer train` and append them with `zhtrain tokenizer merge`"
             )
         raise ZhtrainError(f"{flag} {folder}: no tokenizer.json there; pass a Hugging Face tokenizer folder")
     try:

@@ -25,8 +25,8 @@ def load_tokenizer(path: Optional[str], use_fast: bool = True, trust_remote_code
         raise ZhtrainError(f"--tokenizer_backend {backend}: unknown; choose one of {', '.join(TOKENIZER_BACKENDS)}")
     from transformers import AutoTokenizer
 
-    from zhtrain.tokenizer.sentencepiece_llama import (  # lazy: transformers' SentencePiece classes load only when such a folder is loaded
-        SentencePieceLlamaTokenizer,
+    from zhtrain.tokenizer.sentencepiece_llama import (  # lazy: transformers' SentencePiece classes load only
+        SentencePieceLlamaTokenizer,  # when such a folder is loaded
         is_llama_sentencepiece_folder,
     )
 
@@ -44,7 +44,8 @@ def load_tokenizer(path: Optional[str], use_fast: bool = True, trust_remote_code
     damaged = damaged_sentencepiece_model(folder) if not (folder / "tokenizer.json").is_file() else None
     if damaged:  # what transformers would build the tokenizer from; its own error points at converters (tiktoken)
         raise ZhtrainError(
-            f"{folder / 'tokenizer.model'}: not a SentencePiece model ({damaged}); restore the file saved with the tokenizer"
+            f"{folder / 'tokenizer.model'}: not a SentencePiece model ({damaged}); restore the file saved with the "
+            "tokenizer"
         )
     try:
         if backend == "sentencepiece" or (backend == "auto" and is_llama_sentencepiece_folder(folder)):

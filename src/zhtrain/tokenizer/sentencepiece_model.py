@@ -47,7 +47,8 @@ def read_model(path: Path, flag: str):
         spm.SentencePieceProcessor(model_proto=data)  # the library's own validation
     except (DecodeError, RuntimeError, OSError, ValueError) as err:
         raise ZhtrainError(
-            f"{not_a_model} ({str(err).splitlines()[0] if str(err) else type(err).__name__}); pass the .model that sentencepiece wrote"
+            f"{not_a_model} ({str(err).splitlines()[0] if str(err) else type(err).__name__}); pass the .model that "
+            "sentencepiece wrote"
         ) from None
     if not proto.pieces:
         raise ZhtrainError(f"{not_a_model} (it has no pieces); pass the .model that sentencepiece wrote")
@@ -203,7 +204,8 @@ def translate_training_error(err: RuntimeError, vocab_size: int, corpus: str, co
     if match := _TOO_LOW.search(text):
         return ZhtrainError(
             f"--vocab_size {vocab_size}: the corpus {corpus} has {match.group(2)} distinct characters to cover "
-            f"(--character_coverage {coverage}); raise --vocab_size above {match.group(2)} or lower --character_coverage"
+            f"(--character_coverage {coverage}); raise --vocab_size above {match.group(2)} or lower "
+            "--character_coverage"
         )
     if "sentences_.empty()" in text:
         return ZhtrainError(f"--corpus {corpus}: no usable sentences (every line empty or longer than 16384 bytes)")

@@ -41,7 +41,8 @@ class ModelArguments:
         default="auto",
         metadata={
             "help": "auto: a LLaMA SentencePiece tokenizer (tokenizer.model) runs through sentencepiece itself, giving "
-            "the ids of the seed's slow LlamaTokenizer; others through AutoTokenizer. sentencepiece|tokenizers force one."
+            "the ids of the seed's slow LlamaTokenizer; others through AutoTokenizer. sentencepiece|tokenizers force "
+            "one."
         },
     )
     model_revision: str = field(default="main", metadata={"help": "Accepted for compatibility; unused."})
@@ -219,7 +220,9 @@ class ZhtrainTrainingArguments(TrainingArguments):
                 )
                 self.fsdp = None
             self.use_cpu = True
-            engines.init_cpu_process_group(self.ddp_timeout)  # HF passes no --ddp_timeout to gloo
+            # Here, not later: TrainingArguments.__post_init__ reads self.device, which creates the process group
+            # with gloo's 30-minute default; zhtrain's group honours --ddp_timeout (HF passes it on GPUs only).
+            engines.init_cpu_process_group(self.ddp_timeout)
         super().__post_init__()
         engines.explain_deepspeed_mismatches(self)
 

@@ -71,7 +71,8 @@ def prepare_output_dir(training_args, identity: dict) -> Optional[str]:
     if explicit:
         if not (Path(requested) / "trainer_state.json").is_file():
             raise ZhtrainError(
-                f"--resume_from_checkpoint {requested}: not a checkpoint (no trainer_state.json); pass a checkpoint-N folder"
+                f"--resume_from_checkpoint {requested}: not a checkpoint (no trainer_state.json); pass a checkpoint-N "
+                "folder"
             )
         if not is_complete(Path(requested)):
             logger.warning(
@@ -81,7 +82,8 @@ def prepare_output_dir(training_args, identity: dict) -> Optional[str]:
         if recorded is None:
             raise ZhtrainError(
                 f"--output_dir {out} holds checkpoint folders not written by zhtrain; pass --resume_from_checkpoint "
-                "<one of them> to continue from it, --overwrite_output_dir to start afresh, or choose another --output_dir"
+                "<one of them> to continue from it, --overwrite_output_dir to start afresh, or choose another "
+                "--output_dir"
             )
         if recorded != identity:
             changed = sorted(k for k in set(recorded) | set(identity) if recorded.get(k) != identity.get(k))
@@ -122,8 +124,8 @@ def explain_disk_full(output_dir):
             raise
         last = last_complete_checkpoint(Path(output_dir))
         raise ZhtrainError(
-            f"--output_dir {output_dir}: the disk is full (writing failed: {text.splitlines()[0][:120]}); free space and run "
-            f"again: zhtrain resumes from {last or 'the start'} and ignores the unfinished checkpoint"
+            f"--output_dir {output_dir}: the disk is full (writing failed: {text.splitlines()[0][:120]}); free space "
+            f"and run again: zhtrain resumes from {last or 'the start'} and ignores the unfinished checkpoint"
         ) from None
 
 

@@ -138,7 +138,8 @@ def load_adapter(folder: str | Path, with_tokenizer: bool = True) -> Adapter:
     raw = read_weights(weight_file)
     if not raw:
         raise ZhtrainError(
-            f"{weight_file}: holds no tensors (an empty adapter, the seed's known 443-byte bug); retrain or use a checkpoint's adapter"
+            f"{weight_file}: holds no tensors (an empty adapter, the seed's known 443-byte bug); retrain or use a "
+            "checkpoint's adapter"
         )
     edits, ignored = to_edits(raw, config, weight_file)
     tokenizer_len = tokenizer_length(folder) if with_tokenizer else None
@@ -170,14 +171,16 @@ def read_adapter_config(folder: Path) -> dict:
         patterns = config.get(option) or {}
         if not isinstance(patterns, dict):
             raise ZhtrainError(
-                f"{path}: {option} is {type(patterns).__name__}; it must be an object of module pattern -> number, as training wrote it"
+                f"{path}: {option} is {type(patterns).__name__}; it must be an object of module pattern -> number, as "
+                "training wrote it"
             )
         for pattern, value in patterns.items():
             try:
                 re.compile(pattern)
             except re.error as err:
                 raise ZhtrainError(
-                    f"{path}: {option} key {pattern!r} is not a regular expression ({err}); restore the file written by training"
+                    f"{path}: {option} key {pattern!r} is not a regular expression ({err}); restore the file written "
+                    "by training"
                 ) from err
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ZhtrainError(
@@ -198,7 +201,8 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise refused_pickle(str(path), err) from None
     except Exception as err:  # safetensors and torch.load raise many types for a damaged file
         raise ZhtrainError(
-            f"{path}: cannot read the adapter weights ({type(err).__name__}: {err}); the file is damaged or not an adapter"
+            f"{path}: cannot read the adapter weights ({type(err).__name__}: {err}); the file is damaged or not an "
+            "adapter"
         ) from err
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise ZhtrainError(f"{path}: not a state dict of tensors; pass the adapter_model.bin written by training")

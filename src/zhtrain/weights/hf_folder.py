@@ -108,7 +108,8 @@ def open_checkpoint(folder: str | Path, flag: str = "--base_model") -> Checkpoin
         raise ZhtrainError(f"{flag} {folder}: no such folder; pass a model folder in Hugging Face format")
     if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
         raise ZhtrainError(
-            f"{flag} {folder}: this is a LoRA adapter, not a model; pass the base model it was trained on (or merge it first)"
+            f"{flag} {folder}: this is a LoRA adapter, not a model; pass the base model it was trained on (or merge it "
+            "first)"
         )
     read_config(folder)
     for index_name, single_name in LAYOUTS:
@@ -124,7 +125,8 @@ def open_checkpoint(folder: str | Path, flag: str = "--base_model") -> Checkpoin
                 f"{flag} {folder}: Meta consolidated.*.pth weights; convert them to Hugging Face format first"
             )
         raise ZhtrainError(
-            f"{flag} {folder}: no model.safetensors, shards with an index, or pytorch_model.bin; not a Hugging Face model folder"
+            f"{flag} {folder}: no model.safetensors, shards with an index, or pytorch_model.bin; not a Hugging Face "
+            "model folder"
         )
     checkpoint = Checkpoint(folder, shards, {})
     for shard in shards:
@@ -141,7 +143,8 @@ def _shards_from_index(index: Path) -> list[Path]:
     weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
         raise ZhtrainError(
-            f"{index}: not a weight index (no 'weight_map' of tensor -> file names); restore the file saved with the model"
+            f"{index}: not a weight index (no 'weight_map' of tensor -> file names); restore the file saved with the "
+            "model"
         )
     if not isinstance(data.get("metadata"), dict):  # transformers' loader reads it (KeyError inside it otherwise)
         raise ZhtrainError(f"{index}: no 'metadata' object; restore the file saved with the model")

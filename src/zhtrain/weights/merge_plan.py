@@ -95,8 +95,9 @@ def shrink_error(
     if position == 0:
         trained_for = adapter.config.get("base_model_name_or_path") or "another base"
         return ZhtrainError(
-            f"adapter {adapter.name} needs {describe_tokenizer(wanted)} but base {checkpoint.folder} already has {running} "
-            f"embedding rows; zhtrain never shrinks a vocabulary: the adapter was trained for another base ({trained_for})"
+            f"adapter {adapter.name} needs {describe_tokenizer(wanted)} but base {checkpoint.folder} already has "
+            f"{running} embedding rows; zhtrain never shrinks a vocabulary: the adapter was trained for another base "
+            f"({trained_for})"
         )
     previous = adapters[position - 1]
     order = ",".join(str(a.path) for a in [adapter, previous])
@@ -136,10 +137,11 @@ def check_edit(checkpoint: Checkpoint, adapter: Adapter, key: str, edit, vocab: 
                 else f"the model has {expected[0]} rows here"
             )
             raise ZhtrainError(
-                f"adapter {adapter.name}: {key} {what} are {list(shape)} but {has} ({list(expected)}); the adapter needs "
-                f"{describe_tokenizer(shape[0])}, the one it was trained with: put that tokenizer's files into {adapter.name}"
+                f"adapter {adapter.name}: {key} {what} are {list(shape)} but {has} ({list(expected)}); the adapter "
+                f"needs {describe_tokenizer(shape[0])}, the one it was trained with: put that tokenizer's files into "
+                f"{adapter.name}"
             )
         raise ZhtrainError(
-            f"adapter {adapter.name}: {key} {what} are {list(shape)} but base {checkpoint.folder} has {list(expected)}: "
-            f"the adapter was trained for another base model ({trained_for}); merge it into that one"
+            f"adapter {adapter.name}: {key} {what} are {list(shape)} but base {checkpoint.folder} has "
+            f"{list(expected)}: the adapter was trained for another base model ({trained_for}); merge it into that one"
         )

@@ -15,9 +15,9 @@ from merge_fixtures import ALL_TARGETS, extended_tokenizer, load_model, logits, 
 from merge_fixtures import copy_tokenizer as copy_tokenizer_files
 
 from zhtrain import merge as merge_module
-from zhtrain.weights import meta
 from zhtrain.errors import ZhtrainError
 from zhtrain.merge import merge, parse_merge_args
+from zhtrain.weights import meta
 
 TOL = 1e-4
 
@@ -29,7 +29,11 @@ def all_tensors(folder: Path) -> dict:
 
 
 def run_merge(base, adapters, out, *extra):
-    return merge(parse_merge_args(["--base_model", str(base), "--lora_model", ",".join(map(str, adapters)), "--output_dir", str(out), *extra]))
+    return merge(
+        parse_merge_args(
+            ["--base_model", str(base), "--lora_model", ",".join(map(str, adapters)), "--output_dir", str(out), *extra]
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +47,17 @@ def world(tmp_path_factory, tiny_model_dir, sp_tokenizer_dir):
     tok403 = extended_tokenizer(sp_tokenizer_dir, root / "tok403")
     # The second adapter is trained on base + first merged, grown to 403 tokens (LLaMA-Plus then Alpaca-Plus).
     stage1 = peft_reference(sharded, [first], [400]).merge_and_unload()
-    second = make_adapter(stage1, root / "alpaca_lora", tok403, seed=2, r=8, alpha=16, use_rslora=True,
-                          rank_pattern={"q_proj": 2}, alpha_pattern={"down_proj": 4})
+    second = make_adapter(
+        stage1,
+        root / "alpaca_lora",
+        tok403,
+        seed=2,
+        r=8,
+        alpha=16,
+        use_rslora=True,
+        rank_pattern={"q_proj": 2},
+        alpha_pattern={"down_proj": 4},
+    )
     return {"root": root, "base": sharded, "first": first, "second": second, "tok403": tok403}
 
 
@@ -59,12 +72,19 @@ def test_single_merge_equals_peft(world, tmp_path):
     assert len(list(out.glob("model-*.safetensors"))) >= 3
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert "lm_head.weight" in index["weight_map"] and index["metadata"]["total_size"] > 0
-    assert {"tokenizer.model", "tokenizer.json", "config.json", "generation_config.json", "zhtrain_merge.json"} <= {p.name for p in out.iterdir()}
+    assert {"tokenizer.model", "tokenizer.json", "config.json", "generation_config.json", "zhtrain_merge.json"} <= {
+        p.name for p in out.iterdir()
+    }
     assert summary["verification"]["max_abs_logit_diff"] <= TOL
     # The shards have the mode every other file gets (safetensors itself writes 0600 whatever the umask).
-    assert {p.stat().st_mode & 0o777 for p in out.glob("*.safetensors")} == {(out / "config.json").stat().st_mode & 0o777}
+    assert {p.stat().st_mode & 0o777 for p in out.glob("*.safetensors")} == {
+        (out / "config.json").stat().st_mode & 0o777
+    }
     ids = sample_ids(400)
-    merged, reference = logits(load_model(out), ids), logits(peft_reference(world["base"], [world["first"]], [400]), ids)
+    merged, reference = (
+        logits(load_model(out), ids),
+        logits(peft_reference(world["base"], [world["first"]], [400]), ids),
+    )
     assert (merged - reference).abs().max() <= TOL
     assert (merged - logits(load_model(world["base"]), ids)).abs().max() > 1e-2  # the merge changed something
 
@@ -135,19 +155,34 @@ def test_legacy_adapter_bin_with_old_keys(world, tmp_path):
     assert "base_model.model.model.embed_tokens.weight" in state  # the seed's modules_to_save key name
     torch.save(state, legacy / "adapter_model.bin")
     current = json.loads((world["first"] / "adapter_config.json").read_text())
-    old_config = {"base_model_name_or_path": "decapoda-research/llama-7b-hf", "bias": "none", "enable_lora": None, "fan_in_fan_out": False,
-                  "inference_mode": True, "lora_alpha": current["lora_alpha"], "lora_dropout": 0.05, "merge_weights": False,
-                  "modules_to_save": current["modules_to_save"], "peft_type": "LORA", "r": current["r"],
-                  "target_modules": current["target_modules"], "task_type": "CAUSAL_LM"}
+    old_config = {
+        "base_model_name_or_path": "decapoda-research/llama-7b-hf",
+        "bias": "none",
+        "enable_lora": None,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "lora_alpha": current["lora_alpha"],
+        "lora_dropout": 0.05,
+        "merge_weights": False,
+        "modules_to_save": current["modules_to_save"],
+        "peft_type": "LORA",
+        "r": current["r"],
+        "target_modules": current["target_modules"],
+        "task_type": "CAUSAL_LM",
+    }
     (legacy / "adapter_config.json").write_text(json.dumps(old_config))
     for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(world["first"] / name, legacy / name)
     # A live PeftModel's names (`.lora_A.default.weight`, `.modules_to_save.default.weight`) are accepted too.
     live = tmp_path / "live_names"
     shutil.copytree(legacy, live)
-    renamed = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
-               .replace("embed_tokens.weight", "embed_tokens.modules_to_save.default.weight")
-               .replace("lm_head.weight", "lm_head.modules_to_save.default.weight"): v for k, v in state.items()}
+    renamed = {
+        k.replace(".lora_A.", ".lora_A.default.")
+        .replace(".lora_B.", ".lora_B.default.")
+        .replace("embed_tokens.weight", "embed_tokens.modules_to_save.default.weight")
+        .replace("lm_head.weight", "lm_head.modules_to_save.default.weight"): v
+        for k, v in state.items()
+    }
     torch.save(renamed, live / "adapter_model.bin")
     run_merge(world["base"], [world["first"]], tmp_path / "from_safetensors", "--no-verify")
     expected = all_tensors(tmp_path / "from_safetensors")
@@ -162,13 +197,23 @@ def test_legacy_adapter_bin_with_old_keys(world, tmp_path):
 def test_pth_output_round_trips_exactly(world, tmp_path):
     """Meta layout, 2 shards, odd vocabulary 403 -> output split [201, 202]; back to HF names bit for bit."""
     run_merge(world["base"], [world["first"], world["second"]], tmp_path / "hf", "--no-verify")
-    summary = run_merge(world["base"], [world["first"], world["second"]], tmp_path / "pth", "--output_type", "pth", "--num_shards", "2")
+    summary = run_merge(
+        world["base"], [world["first"], world["second"]], tmp_path / "pth", "--output_type", "pth", "--num_shards", "2"
+    )
     assert summary["verification"]["max_abs_logit_diff"] <= TOL  # the pth, read back, against PEFT
     pth = tmp_path / "pth"
     assert sorted(p.name for p in pth.glob("consolidated.*.pth")) == ["consolidated.00.pth", "consolidated.01.pth"]
     assert not list(pth.glob(".slice-*"))
     params = json.loads((pth / "params.json").read_text())
-    assert params == {"dim": 32, "multiple_of": 256, "n_heads": 4, "n_layers": 2, "norm_eps": 1e-6, "vocab_size": -1, "n_kv_heads": 2}
+    assert params == {
+        "dim": 32,
+        "multiple_of": 256,
+        "n_heads": 4,
+        "n_layers": 2,
+        "norm_eps": 1e-6,
+        "vocab_size": -1,
+        "n_kv_heads": 2,
+    }
     shards = [torch.load(str(pth / f"consolidated.0{k}.pth"), weights_only=True) for k in range(2)]
     assert [s["output.weight"].shape[0] for s in shards] == [201, 202]
     assert [tuple(s["tok_embeddings.weight"].shape) for s in shards] == [(403, 16), (403, 16)]
@@ -186,7 +231,9 @@ def test_unpermute_inverts_transformers_permute():
     """zhtrain's unpermute is the inverse of the permute in transformers' own LLaMA conversion."""
     w = torch.randn(64, 48)
     for heads in (4, 8):
-        hf_layout = w.view(heads, 64 // heads // 2, 2, 48).transpose(1, 2).reshape(64, 48)  # convert_llama_weights_to_hf
+        hf_layout = (
+            w.view(heads, 64 // heads // 2, 2, 48).transpose(1, 2).reshape(64, 48)
+        )  # convert_llama_weights_to_hf
         assert torch.equal(meta.unpermute(hf_layout, heads), w)
         assert torch.equal(meta.permute(meta.unpermute(w, heads), heads), w)
 
@@ -205,10 +252,20 @@ def test_fan_in_fan_out_and_embedding_lora_are_transposed():
 
     A, B = torch.randn(2, 6), torch.randn(5, 2)
     config = {"r": 2, "lora_alpha": 4, "fan_in_fan_out": True}
-    edits, _ = to_edits({"base_model.model.h.0.attn.c_attn.lora_A.weight": A, "base_model.model.h.0.attn.c_attn.lora_B.weight": B}, config, Path("x"))
+    edits, _ = to_edits(
+        {"base_model.model.h.0.attn.c_attn.lora_A.weight": A, "base_model.model.h.0.attn.c_attn.lora_B.weight": B},
+        config,
+        Path("x"),
+    )
     assert torch.allclose(edits["h.0.attn.c_attn.weight"].low_rank.delta(), (B @ A).T * 2)
-    edits, _ = to_edits({"base_model.model.model.embed_tokens.lora_embedding_A": A, "base_model.model.model.embed_tokens.lora_embedding_B": B},
-                        {"r": 2, "lora_alpha": 2}, Path("x"))
+    edits, _ = to_edits(
+        {
+            "base_model.model.model.embed_tokens.lora_embedding_A": A,
+            "base_model.model.model.embed_tokens.lora_embedding_B": B,
+        },
+        {"r": 2, "lora_alpha": 2},
+        Path("x"),
+    )
     assert edits["model.embed_tokens.weight"].low_rank.delta().shape == (6, 5)
 
 
@@ -219,8 +276,17 @@ def test_fan_in_fan_out_and_embedding_lora_are_transposed():
 def test_adapter_for_another_base_names_both_shapes(world, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=400, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    other = make_adapter(LlamaForCausalLM(config), tmp_path / "other_base_lora", None, targets=["q_proj"], modules_to_save=())
+    config = LlamaConfig(
+        vocab_size=400,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    other = make_adapter(
+        LlamaForCausalLM(config), tmp_path / "other_base_lora", None, targets=["q_proj"], modules_to_save=()
+    )
     with pytest.raises(ZhtrainError, match=r"other_base_lora.*\[48, 48\].*\[32, 32\].*another base model"):
         run_merge(world["base"], [other], tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -231,7 +297,9 @@ def test_adapter_with_the_wrong_tokenizer_says_which_it_needs(world, tmp_path, s
     shutil.copytree(world["second"], wrong)  # trained on 403 tokens...
     for name in ("tokenizer.json", "tokenizer_config.json"):  # ...but shipped with the 400-token tokenizer
         shutil.copyfile(sp_tokenizer_dir / name, wrong / name)
-    with pytest.raises(ZhtrainError, match=r"wrong_tokenizer_lora.*\[403, 32\].*400 tokens.*needs a 403-token tokenizer"):
+    with pytest.raises(
+        ZhtrainError, match=r"wrong_tokenizer_lora.*\[403, 32\].*400 tokens.*needs a 403-token tokenizer"
+    ):
         run_merge(world["base"], [world["first"], wrong], tmp_path / "out")
 
 
@@ -243,9 +311,15 @@ def test_grown_vocabulary_needs_a_tokenizer_of_its_size(world, tmp_path, sp_toke
     for path in bare.iterdir():
         if path.name.startswith(("tokenizer", "special_tokens", "added_tokens")):
             path.unlink()
-    with pytest.raises(ZhtrainError, match=r"merged model will have 403 tokens but the tokenizer in .*plus_lora has 400.*into .*bare_lora"):
+    with pytest.raises(
+        ZhtrainError,
+        match=r"merged model will have 403 tokens but the tokenizer in .*plus_lora has 400.*into .*bare_lora",
+    ):
         run_merge(world["base"], [world["first"], bare], tmp_path / "out")
-    with pytest.raises(ZhtrainError, match=r"merged model will have 403 tokens but none of the adapter folders holds a tokenizer.*bare_lora"):
+    with pytest.raises(
+        ZhtrainError,
+        match=r"merged model will have 403 tokens but none of the adapter folders holds a tokenizer.*bare_lora",
+    ):
         run_merge(world["base"], [bare], tmp_path / "out")
     assert not (tmp_path / "out").exists()
     # With the training tokenizer put back, the same merge goes through.
@@ -253,11 +327,15 @@ def test_grown_vocabulary_needs_a_tokenizer_of_its_size(world, tmp_path, sp_toke
     assert run_merge(world["base"], [world["first"], bare], tmp_path / "out")["vocab_size"] == 403
 
 
-@pytest.mark.parametrize("patterns, message", [
-    (["q_proj"], r"rank_pattern is list; it must be an object"),
-    ({"q_proj(": 2}, r"rank_pattern key 'q_proj\(' is not a regular expression"),
-    ({"q_proj": "two"}, r"rank_pattern\['q_proj'\] is 'two'"),
-], ids=["list", "bad-regex", "not-a-number"])
+@pytest.mark.parametrize(
+    "patterns, message",
+    [
+        (["q_proj"], r"rank_pattern is list; it must be an object"),
+        ({"q_proj(": 2}, r"rank_pattern key 'q_proj\(' is not a regular expression"),
+        ({"q_proj": "two"}, r"rank_pattern\['q_proj'\] is 'two'"),
+    ],
+    ids=["list", "bad-regex", "not-a-number"],
+)
 def test_hand_edited_rank_pattern_is_one_line(world, tmp_path, patterns, message):
     edited = tmp_path / "edited_lora"
     shutil.copytree(world["first"], edited)
@@ -278,10 +356,14 @@ def test_pth_output_needs_the_config_sizes(world, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda index: index.pop("metadata"), r"no 'metadata' object"),
-    (lambda index: index.update(weight_map=list(index["weight_map"])), r"not a weight index"),
-], ids=["no-metadata", "weight-map-a-list"])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda index: index.pop("metadata"), r"no 'metadata' object"),
+        (lambda index: index.update(weight_map=list(index["weight_map"])), r"not a weight index"),
+    ],
+    ids=["no-metadata", "weight-map-a-list"],
+)
 def test_damaged_weight_index_is_one_line(world, tmp_path, edit, message):
     base = tmp_path / "base"
     shutil.copytree(world["base"], base)
@@ -302,7 +384,11 @@ def test_missing_adapter_config(world, tmp_path):
 
 
 def test_order_that_would_shrink_the_vocabulary(world, tmp_path):
-    with pytest.raises(ZhtrainError, match=r"would shrink the vocabulary.*alpaca_lora grows it to 403.*plus_lora needs a 400-token.*--lora_model .*plus_lora,.*alpaca_lora"):
+    with pytest.raises(
+        ZhtrainError,
+        match=r"would shrink the vocabulary.*alpaca_lora grows it to 403.*plus_lora needs a 400-token"
+        r".*--lora_model .*plus_lora,.*alpaca_lora",
+    ):
         run_merge(world["base"], [world["second"], world["first"]], tmp_path / "out")
 
 
@@ -356,7 +442,17 @@ def test_cli_prints_one_line_and_exits_2(world, tmp_path, capsys):
     from zhtrain.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["merge", "--base_model", str(world["first"]), "--lora_model", str(world["first"]), "--output_dir", str(tmp_path / "o")])
+        main(
+            [
+                "merge",
+                "--base_model",
+                str(world["first"]),
+                "--lora_model",
+                str(world["first"]),
+                "--output_dir",
+                str(tmp_path / "o"),
+            ]
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("zhtrain: error:") and "LoRA adapter, not a model" in err

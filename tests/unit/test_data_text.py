@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from zhtrain.data import text
-from zhtrain.data.text import build_token_cache, count_blocks, find_text_files, iter_line_batches, load_text_blocks, split_indices
+from zhtrain.data.text import (
+    build_token_cache,
+    count_blocks,
+    find_text_files,
+    iter_line_batches,
+    load_text_blocks,
+    split_indices,
+)
 from zhtrain.errors import ZhtrainError
 from zhtrain.tokenizer.loading import load_tokenizer
 
@@ -21,7 +28,9 @@ def tokenizer(sp_tokenizer_dir):
 def expected_stream(tokenizer, lines):
     ids = []
     for line in lines:
-        ids += [tokenizer.bos_token_id] + tokenizer(line, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids += (
+            [tokenizer.bos_token_id] + tokenizer(line, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        )
     return ids
 
 
@@ -45,14 +54,18 @@ def test_blocks_run_across_files_in_name_order(tmp_path, tokenizer):
     train, _, stats = load_text_blocks(str(data), tokenizer, 3, str(tmp_path / "c"), 0.0, show_progress=False)
     stream = expected_stream(tokenizer, ["白日依山尽", "黄河入海流"])
     assert len(train) == len(stream) // 3
-    assert np.concatenate([train[i]["input_ids"].numpy() for i in range(len(train))]).tolist() == stream[: len(train) * 3]
+    assert (
+        np.concatenate([train[i]["input_ids"].numpy() for i in range(len(train))]).tolist() == stream[: len(train) * 3]
+    )
 
 
 def test_short_corpus_gives_one_short_block(tmp_path, tokenizer):
     data = tmp_path / "d"
     data.mkdir()
     (data / "a.txt").write_text("白日\n", encoding="utf-8")
-    train, evaluation, stats = load_text_blocks(str(data), tokenizer, 512, str(tmp_path / "c"), 0.05, show_progress=False)
+    train, evaluation, stats = load_text_blocks(
+        str(data), tokenizer, 512, str(tmp_path / "c"), 0.05, show_progress=False
+    )
     assert len(train) == 1 and evaluation is None
     assert len(train[0]["input_ids"]) == stats.tokens < 512
 
@@ -119,7 +132,9 @@ def test_a_damaged_cache_record_is_tokenized_again(tmp_path, tokenizer, damage):
     record.write_text(damage.replace('"format_version": 0', f'"format_version": {text.FORMAT_VERSION}'))
     again, stats = build_token_cache(files, tokenizer, cache, show_progress=False)
     assert [f.from_cache for f in again] == [False] and stats.tokenized_tokens == stats.tokens
-    assert np.array_equal(np.fromfile(again[0].tokens_path, dtype=again[0].dtype), np.fromfile(first[0].tokens_path, dtype=first[0].dtype))
+    assert np.array_equal(
+        np.fromfile(again[0].tokens_path, dtype=again[0].dtype), np.fromfile(first[0].tokens_path, dtype=first[0].dtype)
+    )
 
 
 def test_a_crash_keeps_finished_files(tmp_path, tokenizer):
@@ -157,7 +172,10 @@ def test_worker_processes_give_the_same_tokens(tmp_path, tokenizer, monkeypatch)
         (lambda d: d.mkdir(), "no \\*.txt files"),
         (lambda d: (d.mkdir(), (d / "notes.md").write_text("x")), "no \\*.txt files"),
         (lambda d: (d.mkdir(), (d / "a.txt").write_text(""), (d / "b.txt").write_text("\n \n")), "no text in 2"),
-        (lambda d: (d.mkdir(), (d / "gbk.txt").write_bytes("好的\n".encode("utf-8") + "中文".encode("gbk"))), "gbk.txt: not valid UTF-8 at byte 7 \\(line 2\\)"),
+        (
+            lambda d: (d.mkdir(), (d / "gbk.txt").write_bytes("好的\n".encode("utf-8") + "中文".encode("gbk"))),
+            "gbk.txt: not valid UTF-8 at byte 7 \\(line 2\\)",
+        ),
         (lambda d: (d.mkdir(), (d / "bin.txt").write_bytes(b"abc\x00\x01\x02")), "bin.txt: NUL byte at byte 3.*binary"),
     ],
     ids=["missing", "empty-dir", "no-txt", "all-empty", "not-utf8", "binary"],

@@ -7,12 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import chinese_lines, make_bpe_tokenizer, make_tiny_llama, write_corpus
 
-from fixtures import make_tiny_llama
-from test_tokenizer import chinese_lines, make_bpe_tokenizer, write_corpus
-
-from zhtrain.errors import ZhtrainError
 from zhtrain.build_tokenizer import main as tokenizer_main
+from zhtrain.errors import ZhtrainError
 from zhtrain.model.vocab import resize_embeddings, subword_pieces
 
 
@@ -22,8 +20,18 @@ def merged_dir(sp_tokenizer_dir, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("merged")
     corpus = write_corpus(folder / "zh.txt", chinese_lines(1500))
     tokenizer_main(["train", "--corpus", str(corpus), "--vocab_size", "300", "--output_dir", str(folder / "zh")])
-    tokenizer_main(["merge", "--llama_tokenizer_dir", str(sp_tokenizer_dir), "--chinese_sp_model_file",
-                    str(folder / "zh" / "chinese_sp.model"), "--output_dir", str(folder / "out"), "--add_pad_token"])
+    tokenizer_main(
+        [
+            "merge",
+            "--llama_tokenizer_dir",
+            str(sp_tokenizer_dir),
+            "--chinese_sp_model_file",
+            str(folder / "zh" / "chinese_sp.model"),
+            "--output_dir",
+            str(folder / "out"),
+            "--add_pad_token",
+        ]
+    )
     return folder / "out"
 
 
@@ -47,7 +55,19 @@ def byte_level(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bytes")
     base = make_bpe_tokenizer(folder / "base")
     corpus = write_corpus(folder / "zh.txt", chinese_lines(800))
-    tokenizer_main(["extend", "--tokenizer_name_or_path", str(base), "--corpus", str(corpus), "--num_new_tokens", "60", "--output_dir", str(folder / "ext")])
+    tokenizer_main(
+        [
+            "extend",
+            "--tokenizer_name_or_path",
+            str(base),
+            "--corpus",
+            str(corpus),
+            "--num_new_tokens",
+            "60",
+            "--output_dir",
+            str(folder / "ext"),
+        ]
+    )
     size = len(AutoTokenizer.from_pretrained(str(base)))
     model_dir = make_tiny_llama(folder / "model", vocab_size=size, tie=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -73,7 +93,9 @@ def test_subword_pieces_spell_each_new_sentencepiece_token(sp_tokenizer_dir, mer
     assert len(pieces) == len(new) - len(base)
     for offset, ids in enumerate(pieces[:-1]):  # all but [PAD]: base pieces (bytes included) spell the new piece
         token = new.convert_ids_to_tokens(len(base) + offset)
-        assert ids and base.convert_tokens_to_string(base.convert_ids_to_tokens(ids)) == new.convert_tokens_to_string([token])
+        assert ids and base.convert_tokens_to_string(base.convert_ids_to_tokens(ids)) == new.convert_tokens_to_string(
+            [token]
+        )
     assert pieces[-1] == []  # [PAD] is special: no spelling, it starts at the mean
     huanghe = new.convert_tokens_to_ids("黄河")
     assert huanghe >= len(base) and len(pieces[huanghe - len(base)]) >= 2
@@ -119,7 +141,9 @@ def test_mean_and_random_inits(tiny_model_dir):
     resize_embeddings(model, 420, init="random")
     new = model.get_input_embeddings().weight[400:]
     assert not torch.allclose(new, old.mean(0).expand(20, -1)) and not torch.allclose(new[0], new[1])
-    with pytest.raises(ZhtrainError, match="--new_token_init zeros: unknown; choose one of subword_mean, contextual, mean, random"):
+    with pytest.raises(
+        ZhtrainError, match="--new_token_init zeros: unknown; choose one of subword_mean, contextual, mean, random"
+    ):
         resize_embeddings(model, 430, init="zeros")
 
 
@@ -160,7 +184,10 @@ def test_contextual_rows_come_from_the_models_hidden_states(sp_tokenizer_dir, me
         assert torch.allclose(weight_in[400 + offset], state, atol=1e-5)
         cosine = torch.nn.functional.cosine_similarity(old_states, state.unsqueeze(0), dim=1)
         nearest = cosine.topk(min(TOP, len(candidates)))
-        mix = (torch.softmax(nearest.values / TEMPERATURE, 0).unsqueeze(1) * old_out[[candidates[i] for i in nearest.indices]]).sum(0)
+        mix = (
+            torch.softmax(nearest.values / TEMPERATURE, 0).unsqueeze(1)
+            * old_out[[candidates[i] for i in nearest.indices]]
+        ).sum(0)
         assert torch.allclose(weight_out[400 + offset], mix, atol=1e-5)
     assert pieces[-1] == [] and torch.allclose(weight_in[-1], old_in.mean(0), atol=1e-6)  # [PAD]: no spelling, the mean
 
@@ -181,7 +208,9 @@ def test_contextual_states_stop_at_their_layer(tiny_model_dir):
     for row, ids in zip(states, spellings):
         assert torch.allclose(row, hidden_state_of(model, [1, *ids], 1), atol=1e-5)
     with torch.no_grad():  # the embeddings' state (0) and the last layer's: whole forwards
-        assert torch.allclose(last_hidden_states(model, 1, spellings[:1], 0)[0], hidden_state_of(model, [1, 5, 9, 7], 0))
+        assert torch.allclose(
+            last_hidden_states(model, 1, spellings[:1], 0)[0], hidden_state_of(model, [1, 5, 9, 7], 0)
+        )
 
 
 def test_contextual_mixes_letters_not_punctuation(sp_tokenizer_dir, merged_dir):
@@ -209,11 +238,43 @@ def test_contextual_on_tied_embeddings_falls_back_to_subword_mean(byte_level, ca
 
 def pretrain_argv(model_dir, tokenizer_dir, data_dir, out, *extra):
     return [
-        "--model_name_or_path", str(model_dir), "--tokenizer_name_or_path", str(tokenizer_dir), "--custom_vocab",
-        "--dataset_dir", str(data_dir), "--data_cache_dir", str(out.parent / "cache"), "--output_dir", str(out),
-        "--block_size", "32", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--weight_decay", "0.01",
-        "--do_train", "--save_strategy", "no", "--report_to", "none", "--seed", "1", "--validation_split_percentage", "0",
-        "--lora_rank", "4", "--lora_alpha", "8", "--trainable", "q_proj,v_proj", "--disable_tqdm", "True", *extra,
+        "--model_name_or_path",
+        str(model_dir),
+        "--tokenizer_name_or_path",
+        str(tokenizer_dir),
+        "--custom_vocab",
+        "--dataset_dir",
+        str(data_dir),
+        "--data_cache_dir",
+        str(out.parent / "cache"),
+        "--output_dir",
+        str(out),
+        "--block_size",
+        "32",
+        "--per_device_train_batch_size",
+        "2",
+        "--learning_rate",
+        "1e-2",
+        "--weight_decay",
+        "0.01",
+        "--do_train",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--seed",
+        "1",
+        "--validation_split_percentage",
+        "0",
+        "--lora_rank",
+        "4",
+        "--lora_alpha",
+        "8",
+        "--trainable",
+        "q_proj,v_proj",
+        "--disable_tqdm",
+        "True",
+        *extra,
     ]
 
 
@@ -234,16 +295,23 @@ def embedding(weights: dict, name: str) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_stage1_trains_only_embeddings_and_saves_a_loadable_adapter(sp_tokenizer_dir, merged_dir, tiny_model_dir, text_dir, tmp_path):
+def test_stage1_trains_only_embeddings_and_saves_a_loadable_adapter(
+    sp_tokenizer_dir, merged_dir, tiny_model_dir, text_dir, tmp_path
+):
     from peft import PeftModel
 
     out = tmp_path / "stage1"
-    result = run_pretrain(pretrain_argv(tiny_model_dir, merged_dir, text_dir, out, "--training_stage", "embeddings", "--max_steps", "3"))
+    result = run_pretrain(
+        pretrain_argv(tiny_model_dir, merged_dir, text_dir, out, "--training_stage", "embeddings", "--max_steps", "3")
+    )
     model = result.trainer.model
     # (by identity: PEFT's frozen originals may share the trained tensors, see model.share_trained_copies)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    copies = {id(p) for n, p in model.named_parameters(remove_duplicate=False)
-              if "modules_to_save" in n and ("embed_tokens" in n or "lm_head" in n)}
+    copies = {
+        id(p)
+        for n, p in model.named_parameters(remove_duplicate=False)
+        if "modules_to_save" in n and ("embed_tokens" in n or "lm_head" in n)
+    }
     assert trainable and trainable == copies
     base = load(tiny_model_dir)
     base_state = base.state_dict()
@@ -269,16 +337,31 @@ def test_stage1_trains_only_embeddings_and_saves_a_loadable_adapter(sp_tokenizer
 
 
 @pytest.mark.slow
-def test_train_new_rows_only_keeps_the_model_rows_bit_identical(sp_tokenizer_dir, merged_dir, model_with_tokenizer, text_dir, tmp_path):
+def test_train_new_rows_only_keeps_the_model_rows_bit_identical(
+    sp_tokenizer_dir, merged_dir, model_with_tokenizer, text_dir, tmp_path
+):
     out = tmp_path / "new_rows"
-    argv = pretrain_argv(model_with_tokenizer, merged_dir, text_dir, out, "--training_stage", "embeddings", "--train_new_rows_only", "--max_steps", "3")
+    argv = pretrain_argv(
+        model_with_tokenizer,
+        merged_dir,
+        text_dir,
+        out,
+        "--training_stage",
+        "embeddings",
+        "--train_new_rows_only",
+        "--max_steps",
+        "3",
+    )
     result = run_pretrain(argv)
     assert result.trainer.args.weight_decay == 0  # decoupled decay would move the frozen rows
     base, new = tokenizers(sp_tokenizer_dir, merged_dir)
     fresh = load(model_with_tokenizer)
     resize_embeddings(fresh, len(new), init="subword_mean", tokenizer=new, base_tokenizer=base)
     weights = adapter_weights(out / "pt_lora_model")
-    for name, start in (("embed_tokens", fresh.get_input_embeddings().weight), ("lm_head", fresh.get_output_embeddings().weight)):
+    for name, start in (
+        ("embed_tokens", fresh.get_input_embeddings().weight),
+        ("lm_head", fresh.get_output_embeddings().weight),
+    ):
         trained = embedding(weights, name)
         assert torch.equal(trained[:400], start[:400])  # the model's own rows: bit-identical
         assert not torch.allclose(trained[400:], start[400:])  # the new rows learned
@@ -287,17 +370,38 @@ def test_train_new_rows_only_keeps_the_model_rows_bit_identical(sp_tokenizer_dir
 
 def test_stage_flags_are_checked(tiny_model_dir, sp_tokenizer_dir, text_dir, tmp_path):
     with pytest.raises(ZhtrainError, match="--train_new_rows_only applies to Stage 1"):
-        run_pretrain(pretrain_argv(tiny_model_dir, sp_tokenizer_dir, text_dir, tmp_path / "a", "--train_new_rows_only", "--max_steps", "1"))
-    with pytest.raises(ZhtrainError, match=r"--train_new_rows_only: the tokenizer \(400 tokens\) adds no rows to the model \(400\)"):
-        run_pretrain(pretrain_argv(tiny_model_dir, sp_tokenizer_dir, text_dir, tmp_path / "b", "--training_stage", "embeddings",
-                                   "--train_new_rows_only", "--max_steps", "1"))
+        run_pretrain(
+            pretrain_argv(
+                tiny_model_dir, sp_tokenizer_dir, text_dir, tmp_path / "a", "--train_new_rows_only", "--max_steps", "1"
+            )
+        )
+    with pytest.raises(
+        ZhtrainError, match=r"--train_new_rows_only: the tokenizer \(400 tokens\) adds no rows to the model \(400\)"
+    ):
+        run_pretrain(
+            pretrain_argv(
+                tiny_model_dir,
+                sp_tokenizer_dir,
+                text_dir,
+                tmp_path / "b",
+                "--training_stage",
+                "embeddings",
+                "--train_new_rows_only",
+                "--max_steps",
+                "1",
+            )
+        )
 
 
 @pytest.mark.slow
 def test_pretrain_starts_new_rows_from_their_pieces_by_default(byte_level, text_dir, tmp_path, capsys):
     base_dir, ext_dir, model_dir = byte_level
     out = tmp_path / "default"
-    run_pretrain(pretrain_argv(model_dir, ext_dir, text_dir, out, "--modules_to_save", "embed_tokens,lm_head", "--max_steps", "1"))
+    run_pretrain(
+        pretrain_argv(
+            model_dir, ext_dir, text_dir, out, "--modules_to_save", "embed_tokens,lm_head", "--max_steps", "1"
+        )
+    )
     assert "new rows: subword_mean init, 60 of 60 from base pieces" in capsys.readouterr().out
 
 
@@ -306,8 +410,22 @@ def test_pretrain_unties_then_starts_new_rows_contextually(byte_level, text_dir,
     """SmolLM2's layout (tied): training both matrices unties them first, so contextual can run."""
     base_dir, ext_dir, model_dir = byte_level
     out = tmp_path / "contextual"
-    result = run_pretrain(pretrain_argv(model_dir, ext_dir, text_dir, out, "--modules_to_save", "embed_tokens,lm_head",
-                                        "--max_steps", "1", "--learning_rate", "0", "--new_token_init", "contextual"))
+    result = run_pretrain(
+        pretrain_argv(
+            model_dir,
+            ext_dir,
+            text_dir,
+            out,
+            "--modules_to_save",
+            "embed_tokens,lm_head",
+            "--max_steps",
+            "1",
+            "--learning_rate",
+            "0",
+            "--new_token_init",
+            "contextual",
+        )
+    )
     assert "new rows: contextual init, 60 of 60 from base pieces" in capsys.readouterr().out
     model = result.trainer.model
     size = len(tokenizers(base_dir, ext_dir)[0])
@@ -327,9 +445,13 @@ def test_subword_mean_under_deepspeed_zero3(sp_tokenizer_dir, merged_dir, tiny_m
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    worker = Path(__file__).parent / "zero3_init_worker.py"
-    result = subprocess.run([sys.executable, str(worker), str(sp_tokenizer_dir), str(merged_dir), str(tiny_model_dir), str(port)],
-                            capture_output=True, text=True, timeout=600)
+    worker = Path(__file__).parents[1] / "workers" / "zero3_init_worker.py"
+    result = subprocess.run(
+        [sys.executable, str(worker), str(sp_tokenizer_dir), str(merged_dir), str(tiny_model_dir), str(port)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0 and "ZERO3_OK" in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]
 
 
@@ -345,13 +467,46 @@ def test_sft_grows_the_vocabulary_with_the_chosen_init(byte_level, tmp_path):
 
     def rows_after_sft(*extra):
         out = tmp_path / f"out{len(extra)}"
-        result = sft(*parse_sft_args([
-            "--model_name_or_path", str(model_dir), "--tokenizer_name_or_path", str(ext_dir), "--output_dir", str(out),
-            "--data_path", str(data), "--template", "alpaca", "--max_steps", "1", "--learning_rate", "0", "--do_train",
-            "--per_device_train_batch_size", "1", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "True",
-            "--lora_rank", "4", "--lora_alpha", "8", "--trainable", "q_proj,v_proj", "--modules_to_save", "embed_tokens,lm_head",
-            "--model_max_length", "256", *extra,
-        ]))
+        result = sft(
+            *parse_sft_args(
+                [
+                    "--model_name_or_path",
+                    str(model_dir),
+                    "--tokenizer_name_or_path",
+                    str(ext_dir),
+                    "--output_dir",
+                    str(out),
+                    "--data_path",
+                    str(data),
+                    "--template",
+                    "alpaca",
+                    "--max_steps",
+                    "1",
+                    "--learning_rate",
+                    "0",
+                    "--do_train",
+                    "--per_device_train_batch_size",
+                    "1",
+                    "--save_strategy",
+                    "no",
+                    "--report_to",
+                    "none",
+                    "--disable_tqdm",
+                    "True",
+                    "--lora_rank",
+                    "4",
+                    "--lora_alpha",
+                    "8",
+                    "--trainable",
+                    "q_proj,v_proj",
+                    "--modules_to_save",
+                    "embed_tokens,lm_head",
+                    "--model_max_length",
+                    "256",
+                    *extra,
+                ]
+            )
+        )
         return result.trainer.model.get_input_embeddings().weight.detach().clone()
 
     expected = load(model_dir)
@@ -360,4 +515,6 @@ def test_sft_grows_the_vocabulary_with_the_chosen_init(byte_level, tmp_path):
     size = len(base)
     assert torch.allclose(rows_after_sft()[size:], expected.get_input_embeddings().weight[size:], atol=1e-6)
     mean_rows = rows_after_sft("--new_token_init", "mean")[size:]
-    assert torch.allclose(mean_rows, load(model_dir).get_input_embeddings().weight.mean(0).expand_as(mean_rows), atol=1e-6)
+    assert torch.allclose(
+        mean_rows, load(model_dir).get_input_embeddings().weight.mean(0).expand_as(mean_rows), atol=1e-6
+    )

@@ -12,7 +12,7 @@ from zhtrain.errors import ZhtrainError
 from zhtrain.tokenizer.loading import load_tokenizer
 from zhtrain.tokenizer.sentencepiece_llama import SentencePieceLlamaTokenizer
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REAL = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 LLAMA, CHINESE = REAL / "tokenizers" / "llama-32000.model", REAL / "tokenizers" / "chinese_sp-20000.model"
 PEOPLES_DAILY = REAL / "corpora" / "peoples-daily-199801.txt"
 needs_real = pytest.mark.skipif(
@@ -77,7 +77,17 @@ def test_chinese_merge_gives_sentencepiece_ids_where_the_fast_conversion_does_no
     from zhtrain.build_tokenizer import main as tokenizer_main
 
     out = tmp_path / "chinese_llama"
-    tokenizer_main(["merge", "--llama_tokenizer_dir", str(LLAMA), "--chinese_sp_model_file", str(CHINESE), "--output_dir", str(out)])
+    tokenizer_main(
+        [
+            "merge",
+            "--llama_tokenizer_dir",
+            str(LLAMA),
+            "--chinese_sp_model_file",
+            str(CHINESE),
+            "--output_dir",
+            str(out),
+        ]
+    )
     raw = sp(out / "tokenizer.model")
     lines = [line.strip() for line in PEOPLES_DAILY.open(encoding="utf-8") if line.strip()][:300]
     ours, fast = load_tokenizer(str(out)), load_tokenizer(str(out), backend="tokenizers")
@@ -96,8 +106,17 @@ def test_tokens_only_in_tokenizer_json_are_kept(sp_tokenizer_dir, tmp_path):
     folder = tmp_path / "tok"
     shutil.copytree(sp_tokenizer_dir, folder)
     tokenizer_json = json.loads((folder / "tokenizer.json").read_text())
-    tokenizer_json["added_tokens"].append({"id": 400, "content": "黄河入海流", "single_word": False, "lstrip": False, "rstrip": False,
-                                           "normalized": True, "special": False})
+    tokenizer_json["added_tokens"].append(
+        {
+            "id": 400,
+            "content": "黄河入海流",
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": True,
+            "special": False,
+        }
+    )
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False))
     tokenizer = load_tokenizer(str(folder))
     assert isinstance(tokenizer, SentencePieceLlamaTokenizer) and len(tokenizer) == 401

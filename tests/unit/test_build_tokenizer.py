@@ -9,13 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from fixtures import chinese_lines, make_bpe_tokenizer, write_corpus
 
-from fixtures import CHARS
-
-from zhtrain.errors import ZhtrainError
 from zhtrain.build_tokenizer import main as tokenizer_main
+from zhtrain.errors import ZhtrainError
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tokenizers"
+REAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tokenizers"
 LLAMA, CHINESE = REAL / "llama-32000.model", REAL / "chinese_sp-20000.model"
 needs_real = pytest.mark.skipif(
     not (LLAMA.is_file() and CHINESE.is_file()),
@@ -30,26 +29,13 @@ def sp(path):
     return spm.SentencePieceProcessor(model_file=str(path))
 
 
-def write_corpus(path: Path, lines: list[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def chinese_lines(n: int, seed: int = 5) -> list[str]:
-    """Chinese text with recurring words, so that multi-character pieces are worth learning."""
-    import random
-
-    rng = random.Random(seed)
-    words = ["黄河", "中国", "人民", "发展", "经济", "白日", "大海", "山川", "国家", "时代"]
-    return ["".join(rng.choice(words) if rng.random() < 0.6 else rng.choice(CHARS) for _ in range(rng.randint(8, 30))) + "。" for _ in range(n)]
-
-
 @pytest.fixture(scope="module")
 def chinese_sp_model(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("zh_sp")
     corpus = write_corpus(folder / "corpus" / "zh.txt", chinese_lines(2000))
-    tokenizer_main(["train", "--corpus", str(corpus.parent), "--vocab_size", "300", "--output_dir", str(folder / "out")])
+    tokenizer_main(
+        ["train", "--corpus", str(corpus.parent), "--vocab_size", "300", "--output_dir", str(folder / "out")]
+    )
     return folder / "out" / "chinese_sp.model"
 
 
@@ -70,11 +56,22 @@ def test_merge_appends_missing_pieces_in_order_and_keeps_every_base_id(sp_tokeni
     from transformers import AutoTokenizer
 
     out = tmp_path / "merged"
-    tokenizer_main(["merge", "--llama_tokenizer_dir", str(sp_tokenizer_dir), "--chinese_sp_model_file", str(chinese_sp_model), "--output_dir", str(out)])
+    tokenizer_main(
+        [
+            "merge",
+            "--llama_tokenizer_dir",
+            str(sp_tokenizer_dir),
+            "--chinese_sp_model_file",
+            str(chinese_sp_model),
+            "--output_dir",
+            str(out),
+        ]
+    )
     base, chinese, merged = sp(sp_tokenizer_dir / "tokenizer.model"), sp(chinese_sp_model), sp(out / "tokenizer.model")
     base_pieces = [base.id_to_piece(i) for i in range(base.get_piece_size())]
     expected_new = [
-        chinese.id_to_piece(i) for i in range(chinese.get_piece_size())
+        chinese.id_to_piece(i)
+        for i in range(chinese.get_piece_size())
         if chinese.id_to_piece(i) not in base_pieces and not chinese.is_control(i) and not chinese.is_unknown(i)
     ]
     assert expected_new and merged.get_piece_size() == len(base_pieces) + len(expected_new)
@@ -92,8 +89,18 @@ def test_add_pad_token_appends_pad_as_a_control_piece(sp_tokenizer_dir, chinese_
     from transformers import AutoTokenizer
 
     out = tmp_path / "alpaca"
-    tokenizer_main(["merge", "--llama_tokenizer_dir", str(sp_tokenizer_dir / "tokenizer.model"), "--chinese_sp_model_file",
-                    str(chinese_sp_model), "--output_dir", str(out), "--add_pad_token"])
+    tokenizer_main(
+        [
+            "merge",
+            "--llama_tokenizer_dir",
+            str(sp_tokenizer_dir / "tokenizer.model"),
+            "--chinese_sp_model_file",
+            str(chinese_sp_model),
+            "--output_dir",
+            str(out),
+            "--add_pad_token",
+        ]
+    )
     merged = sp(out / "tokenizer.model")
     pad = merged.get_piece_size() - 1
     assert merged.id_to_piece(pad) == "[PAD]" and merged.is_control(pad)
@@ -109,7 +116,17 @@ def test_add_pad_token_appends_pad_as_a_control_piece(sp_tokenizer_dir, chinese_
 @pytest.fixture(scope="module")
 def real_merged(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("real") / "chinese_llama"
-    tokenizer_main(["merge", "--llama_tokenizer_dir", str(LLAMA), "--chinese_sp_model_file", str(CHINESE), "--output_dir", str(out)])
+    tokenizer_main(
+        [
+            "merge",
+            "--llama_tokenizer_dir",
+            str(LLAMA),
+            "--chinese_sp_model_file",
+            str(CHINESE),
+            "--output_dir",
+            str(out),
+        ]
+    )
     return out
 
 
@@ -126,7 +143,10 @@ def test_real_merge_is_the_chinese_llama_tokenizer(real_merged):
     for i in range(32000):
         assert merged.id_to_piece(i) == base.id_to_piece(i) and merged.decode([i]) == base.decode([i])
     base_proto, merged_proto = read_model(LLAMA, "base"), read_model(real_merged / "tokenizer.model", "merged")
-    assert merged_proto.normalizer_spec == base_proto.normalizer_spec and merged_proto.trainer_spec == base_proto.trainer_spec
+    assert (
+        merged_proto.normalizer_spec == base_proto.normalizer_spec
+        and merged_proto.trainer_spec == base_proto.trainer_spec
+    )
     assert merged_proto.trainer_spec.byte_fallback
     hf = AutoTokenizer.from_pretrained(str(real_merged))
     assert len(hf) == 49953
@@ -146,7 +166,18 @@ def test_real_merge_with_pad_token_has_49954(tmp_path):
     from transformers import AutoTokenizer
 
     out = tmp_path / "chinese_alpaca"
-    tokenizer_main(["merge", "--llama_tokenizer_dir", str(LLAMA), "--chinese_sp_model_file", str(CHINESE), "--output_dir", str(out), "--add_pad_token"])
+    tokenizer_main(
+        [
+            "merge",
+            "--llama_tokenizer_dir",
+            str(LLAMA),
+            "--chinese_sp_model_file",
+            str(CHINESE),
+            "--output_dir",
+            str(out),
+            "--add_pad_token",
+        ]
+    )
     hf = AutoTokenizer.from_pretrained(str(out))
     assert len(hf) == 49954 and sp(out / "tokenizer.model").get_piece_size() == 49954
     assert hf.pad_token == "[PAD]" and hf.pad_token_id == 49953
@@ -154,25 +185,6 @@ def test_real_merge_with_pad_token_has_49954(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # extend a byte-level BPE
-
-
-def make_bpe_tokenizer(folder: Path, vocab_size: int = 320) -> Path:
-    """A tiny SmolLM2-style tokenizer: byte-level BPE trained on English only."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    english = [f"the number {i} is {i * 7 % 1000} and the river runs to the sea" for i in range(500)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
-    )
-    tok.train_from_iterator(english, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>")
-    fast.save_pretrained(str(folder))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +197,19 @@ def extended(bpe_dir, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("ext")
     corpus = write_corpus(folder / "zh.txt", chinese_lines(1500))
     out = folder / "out"
-    tokenizer_main(["extend", "--tokenizer_name_or_path", str(bpe_dir), "--corpus", str(corpus), "--num_new_tokens", "200", "--output_dir", str(out)])
+    tokenizer_main(
+        [
+            "extend",
+            "--tokenizer_name_or_path",
+            str(bpe_dir),
+            "--corpus",
+            str(corpus),
+            "--num_new_tokens",
+            "200",
+            "--output_dir",
+            str(out),
+        ]
+    )
     return out
 
 
@@ -222,7 +246,9 @@ def test_extend_adds_listed_tokens(extended, tmp_path):
     listed = tmp_path / "terms.txt"
     listed.write_text("量子计算机\n大语言模型\n", encoding="utf-8")
     out = tmp_path / "with_terms"
-    tokenizer_main(["extend", "--tokenizer_name_or_path", str(extended), "--new_tokens", str(listed), "--output_dir", str(out)])
+    tokenizer_main(
+        ["extend", "--tokenizer_name_or_path", str(extended), "--new_tokens", str(listed), "--output_dir", str(out)]
+    )
     before, after = AutoTokenizer.from_pretrained(str(extended)), AutoTokenizer.from_pretrained(str(out))
     assert len(after) == len(before) + 2
     assert after("大语言模型", add_special_tokens=False)["input_ids"] == [len(before) + 1]
@@ -240,23 +266,64 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_reports_a_bad_model_file_in_one_line(tmp_path, sp_tokenizer_dir):
     bogus = tmp_path / "chinese_sp.model"
     bogus.write_bytes(b"this is not a sentencepiece model\n" * 20)
-    result = run_cli("merge", "--llama_tokenizer_dir", str(sp_tokenizer_dir), "--chinese_sp_model_file", str(bogus), "--output_dir", str(tmp_path / "o"))
+    result = run_cli(
+        "merge",
+        "--llama_tokenizer_dir",
+        str(sp_tokenizer_dir),
+        "--chinese_sp_model_file",
+        str(bogus),
+        "--output_dir",
+        str(tmp_path / "o"),
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith("zhtrain: error: --chinese_sp_model_file") and "not a SentencePiece model file" in lines[-1]
+    assert (
+        lines[-1].startswith("zhtrain: error: --chinese_sp_model_file")
+        and "not a SentencePiece model file" in lines[-1]
+    )
     assert not (tmp_path / "o").exists()
 
 
 def test_merge_refuses_a_non_sentencepiece_base(bpe_dir, chinese_sp_model, tmp_path):
     with pytest.raises(ZhtrainError, match="not a SentencePiece tokenizer.*zhtrain tokenizer extend"):
-        tokenizer_main(["merge", "--llama_tokenizer_dir", str(bpe_dir), "--chinese_sp_model_file", str(chinese_sp_model), "--output_dir", str(tmp_path / "o")])
+        tokenizer_main(
+            [
+                "merge",
+                "--llama_tokenizer_dir",
+                str(bpe_dir),
+                "--chinese_sp_model_file",
+                str(chinese_sp_model),
+                "--output_dir",
+                str(tmp_path / "o"),
+            ]
+        )
     with pytest.raises(ZhtrainError, match="not a SentencePiece model file"):  # a tokenizer.json passed as the .model
-        tokenizer_main(["merge", "--llama_tokenizer_dir", str(bpe_dir / "tokenizer.json"), "--chinese_sp_model_file", str(chinese_sp_model), "--output_dir", str(tmp_path / "o")])
+        tokenizer_main(
+            [
+                "merge",
+                "--llama_tokenizer_dir",
+                str(bpe_dir / "tokenizer.json"),
+                "--chinese_sp_model_file",
+                str(chinese_sp_model),
+                "--output_dir",
+                str(tmp_path / "o"),
+            ]
+        )
 
 
 def test_merge_refuses_a_unigram_base(chinese_sp_model, tmp_path):
     with pytest.raises(ZhtrainError, match="UNIGRAM model; merge appends pieces with score 0"):
-        tokenizer_main(["merge", "--llama_tokenizer_dir", str(chinese_sp_model), "--chinese_sp_model_file", str(chinese_sp_model), "--output_dir", str(tmp_path / "o")])
+        tokenizer_main(
+            [
+                "merge",
+                "--llama_tokenizer_dir",
+                str(chinese_sp_model),
+                "--chinese_sp_model_file",
+                str(chinese_sp_model),
+                "--output_dir",
+                str(tmp_path / "o"),
+            ]
+        )
 
 
 def test_empty_corpus_is_refused(tmp_path, bpe_dir):
@@ -264,13 +331,25 @@ def test_empty_corpus_is_refused(tmp_path, bpe_dir):
     with pytest.raises(ZhtrainError, match="no text"):
         tokenizer_main(["train", "--corpus", str(empty), "--output_dir", str(tmp_path / "o")])
     with pytest.raises(ZhtrainError, match="no text"):
-        tokenizer_main(["extend", "--tokenizer_name_or_path", str(bpe_dir), "--corpus", str(empty), "--output_dir", str(tmp_path / "o")])
+        tokenizer_main(
+            [
+                "extend",
+                "--tokenizer_name_or_path",
+                str(bpe_dir),
+                "--corpus",
+                str(empty),
+                "--output_dir",
+                str(tmp_path / "o"),
+            ]
+        )
     assert not (tmp_path / "o").exists()
 
 
 def test_vocab_size_beyond_the_corpus_is_explained(tmp_path):
     corpus = write_corpus(tmp_path / "small.txt", chinese_lines(200))
-    with pytest.raises(ZhtrainError, match=r"--vocab_size 50000: the corpus .* supports at most \d+ pieces; lower --vocab_size"):
+    with pytest.raises(
+        ZhtrainError, match=r"--vocab_size 50000: the corpus .* supports at most \d+ pieces; lower --vocab_size"
+    ):
         tokenizer_main(["train", "--corpus", str(corpus), "--vocab_size", "50000", "--output_dir", str(tmp_path / "o")])
     with pytest.raises(ZhtrainError, match=r"--vocab_size 20: the corpus .* has \d+ distinct characters to cover"):
         tokenizer_main(["train", "--corpus", str(corpus), "--vocab_size", "20", "--output_dir", str(tmp_path / "o")])
@@ -281,7 +360,15 @@ def test_existing_output_dir_needs_overwrite(sp_tokenizer_dir, chinese_sp_model,
     out = tmp_path / "merged"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    argv = ["merge", "--llama_tokenizer_dir", str(sp_tokenizer_dir), "--chinese_sp_model_file", str(chinese_sp_model), "--output_dir", str(out)]
+    argv = [
+        "merge",
+        "--llama_tokenizer_dir",
+        str(sp_tokenizer_dir),
+        "--chinese_sp_model_file",
+        str(chinese_sp_model),
+        "--output_dir",
+        str(out),
+    ]
     with pytest.raises(ZhtrainError, match="already exists; pass --overwrite"):
         tokenizer_main(argv)
     assert (out / "keep.txt").read_text() == "mine"
@@ -291,18 +378,58 @@ def test_existing_output_dir_needs_overwrite(sp_tokenizer_dir, chinese_sp_model,
 
 def test_a_token_already_present_is_refused(bpe_dir, extended, tmp_path):
     with pytest.raises(ZhtrainError, match=r"--new_tokens: 'the' is already a token \(id \d+\)"):
-        tokenizer_main(["extend", "--tokenizer_name_or_path", str(bpe_dir), "--new_tokens", "量子,the", "--output_dir", str(tmp_path / "o")])
+        tokenizer_main(
+            [
+                "extend",
+                "--tokenizer_name_or_path",
+                str(bpe_dir),
+                "--new_tokens",
+                "量子,the",
+                "--output_dir",
+                str(tmp_path / "o"),
+            ]
+        )
     with pytest.raises(ZhtrainError, match="'黄河' is already a token"):  # learned from the corpus earlier
-        tokenizer_main(["extend", "--tokenizer_name_or_path", str(extended), "--new_tokens", "黄河", "--output_dir", str(tmp_path / "o")])
+        tokenizer_main(
+            [
+                "extend",
+                "--tokenizer_name_or_path",
+                str(extended),
+                "--new_tokens",
+                "黄河",
+                "--output_dir",
+                str(tmp_path / "o"),
+            ]
+        )
     with pytest.raises(ZhtrainError, match="listed twice"):
-        tokenizer_main(["extend", "--tokenizer_name_or_path", str(bpe_dir), "--new_tokens", "量子,量子", "--output_dir", str(tmp_path / "o")])
+        tokenizer_main(
+            [
+                "extend",
+                "--tokenizer_name_or_path",
+                str(bpe_dir),
+                "--new_tokens",
+                "量子,量子",
+                "--output_dir",
+                str(tmp_path / "o"),
+            ]
+        )
     assert not (tmp_path / "o").exists()
 
 
 def test_extend_refuses_a_sentencepiece_base_for_learning(sp_tokenizer_dir, tmp_path):
     corpus = write_corpus(tmp_path / "zh.txt", chinese_lines(50))
     with pytest.raises(ZhtrainError, match="byte-level pre-tokenizer|SentencePiece tokenizer"):
-        tokenizer_main(["extend", "--tokenizer_name_or_path", str(sp_tokenizer_dir), "--corpus", str(corpus), "--output_dir", str(tmp_path / "o")])
+        tokenizer_main(
+            [
+                "extend",
+                "--tokenizer_name_or_path",
+                str(sp_tokenizer_dir),
+                "--corpus",
+                str(corpus),
+                "--output_dir",
+                str(tmp_path / "o"),
+            ]
+        )
 
 
 def test_unknown_subcommand(tmp_path):
@@ -314,7 +441,9 @@ def test_unknown_subcommand(tmp_path):
 # zhtrain inspect
 
 
-def test_inspect_reports_mode_new_rows_sample_and_a_cost_that_peft_agrees_with(sp_tokenizer_dir, chinese_sp_model, tiny_model_dir, tmp_path, capsys):
+def test_inspect_reports_mode_new_rows_sample_and_a_cost_that_peft_agrees_with(
+    sp_tokenizer_dir, chinese_sp_model, tiny_model_dir, tmp_path, capsys
+):
     import shutil
 
     from peft import LoraConfig, get_peft_model
@@ -327,23 +456,43 @@ def test_inspect_reports_mode_new_rows_sample_and_a_cost_that_peft_agrees_with(s
     for item in sp_tokenizer_dir.iterdir():
         shutil.copy(item, model_dir / item.name)
     merged = tmp_path / "merged"
-    tokenizer_main(["merge", "--llama_tokenizer_dir", str(sp_tokenizer_dir), "--chinese_sp_model_file", str(chinese_sp_model), "--output_dir", str(merged)])
+    tokenizer_main(
+        [
+            "merge",
+            "--llama_tokenizer_dir",
+            str(sp_tokenizer_dir),
+            "--chinese_sp_model_file",
+            str(chinese_sp_model),
+            "--output_dir",
+            str(merged),
+        ]
+    )
     sample = write_corpus(tmp_path / "sample.txt", chinese_lines(100, seed=9))
     capsys.readouterr()
-    inspect_main(["--model_name_or_path", str(model_dir), "--tokenizer_name_or_path", str(merged), "--sample", str(sample)])
+    inspect_main(
+        ["--model_name_or_path", str(model_dir), "--tokenizer_name_or_path", str(merged), "--sample", str(sample)]
+    )
     out = capsys.readouterr().out
     from transformers import AutoTokenizer
 
     size = len(AutoTokenizer.from_pretrained(str(merged)))
     assert f"custom vocabulary: model resized from 400 to {size} tokens" in out
     assert "the first 400 ids are the model tokenizer's: this tokenizer extends it" in out
-    assert f"new rows  {size - 400:,}; --new_token_init subword_mean starts {size - 400:,} from their base pieces" in out
+    assert (
+        f"new rows  {size - 400:,}; --new_token_init subword_mean starts {size - 400:,} from their base pieces" in out
+    )
     assert "100 lines of" in out and "tokens per character (the model's own tokenizer:" in out
     # The Stage-2 figure is what PEFT counts on the real (resized) model.
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
     model.resize_token_embeddings(size)
-    peft = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"],
-                                             modules_to_save=["embed_tokens", "lm_head"]))
+    peft = get_peft_model(
+        model,
+        LoraConfig(
+            r=8,
+            target_modules=["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"],
+            modules_to_save=["embed_tokens", "lm_head"],
+        ),
+    )
     trainable = sum(p.numel() for p in peft.parameters() if p.requires_grad)
     assert f"{trainable:,} trainable of" in out
 
@@ -363,7 +512,9 @@ def test_demo_extension_step_reports_tokens_per_character(bpe_dir, tmp_path):
 
     data = tmp_path / "data"
     write_corpus(data / "news.txt", chinese_lines(600))
-    opts = demo.DemoOptions(output_dir=tmp_path / "run", max_steps=1, train_lines=600, learning_rate=1e-3, eval_blocks=1, new_tokens=50)
+    opts = demo.DemoOptions(
+        output_dir=tmp_path / "run", max_steps=1, train_lines=600, learning_rate=1e-3, eval_blocks=1, new_tokens=50
+    )
     folder, measured = demo.extend_tokenizer(bpe_dir, data, opts)
     assert folder == tmp_path / "run" / "tokenizer" and (folder / "tokenizer.json").is_file()
     assert measured["lines"] == 12 and measured["extended"] < measured["base"]

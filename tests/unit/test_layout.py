@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "zhtrain"
+SRC = Path(__file__).resolve().parents[2] / "src" / "zhtrain"
 STAGES = {"tokenizer", "data", "model", "training", "distributed", "weights"}
 SUPPORT = {"__init__", "__main__", "cli", "errors", "files"}
 # The demo is a script over the commands, run as a user runs them: it may import them (lazily).
@@ -40,13 +40,16 @@ def import_graph(root: Path) -> tuple[dict[str, set[str]], list[tuple[str, int, 
         source = path.read_text(encoding="utf-8")
         tree = ast.parse(source)
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        inside_functions = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-                            for n in ast.walk(f)}
+        inside_functions = {
+            id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(f)
+        }
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                    base = ".".join(
+                        package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                    )
                 targets = [f"{base}.{a.name}" for a in node.names] + [base]
             elif isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
@@ -62,7 +65,7 @@ def import_graph(root: Path) -> tuple[dict[str, set[str]], list[tuple[str, int, 
                 continue
             edges[name] |= found
             if id(node) in inside_functions:
-                local.append((name, node.lineno, " ".join(source.splitlines()[node.lineno - 1: node.end_lineno])))
+                local.append((name, node.lineno, " ".join(source.splitlines()[node.lineno - 1 : node.end_lineno])))
     return edges, local
 
 
@@ -130,7 +133,9 @@ def test_the_checks_see_a_planted_cycle_and_a_command_importing_a_command(tmp_pa
     to each, they report exactly those."""
     copy = tmp_path / "zhtrain"
     shutil.copytree(SRC, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    with open(copy / "errors.py", "a", encoding="utf-8") as handle:  # errors <- files already; files -> errors is planted
+    with open(
+        copy / "errors.py", "a", encoding="utf-8"
+    ) as handle:  # errors <- files already; files -> errors is planted
         handle.write("\n\ndef planted():\n    from zhtrain.files import write_aside  # lazy: planted\n")
     with open(copy / "merge.py", "a", encoding="utf-8") as handle:
         handle.write("\n\ndef planted():\n    from zhtrain.generate import generate  # lazy: planted\n")
@@ -155,15 +160,23 @@ def test_top_level_holds_the_commands_and_the_stage_packages():
 
 
 def test_no_reexport_shims():
-    shims = [f"{p.relative_to(SRC)}:{i}" for p in SRC.rglob("*.py")
-             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if "noqa: F401" in line]
+    shims = [
+        f"{p.relative_to(SRC)}:{i}"
+        for p in SRC.rglob("*.py")
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if "noqa: F401" in line
+    ]
     assert shims == []
 
 
 def test_renames_into_place_go_through_files_py():
     """One write-aside-then-rename implementation (files.write_aside); the few other renames say why."""
-    renaming = {str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if p.name != "files.py"
-                and any(call in p.read_text(encoding="utf-8") for call in ("os.replace(", "os.rename(", ".rename("))}
+    renaming = {
+        str(p.relative_to(SRC))
+        for p in SRC.rglob("*.py")
+        if p.name != "files.py"
+        and any(call in p.read_text(encoding="utf-8") for call in ("os.replace(", "os.rename(", ".rename("))
+    }
     assert renaming == set(OTHER_RENAMES)
 
 
@@ -177,7 +190,13 @@ def test_check_functions_assign_nothing_they_are_given(prefix):
                 continue
             params = {a.arg for a in fn.args.args + fn.args.kwonlyargs}
             for node in ast.walk(fn):
-                targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+                targets = (
+                    node.targets
+                    if isinstance(node, ast.Assign)
+                    else [node.target]
+                    if isinstance(node, (ast.AugAssign, ast.AnnAssign))
+                    else []
+                )
                 for target in targets:
                     root = target
                     while isinstance(root, (ast.Attribute, ast.Subscript)):

@@ -14,9 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from zhtrain.training.loss import chunk_rows_for, chunked_causal_lm_loss
 from zhtrain.model.lora import share_trained_copies
-
+from zhtrain.training.loss import chunk_rows_for, chunked_causal_lm_loss
 
 # ---------------------------------------------------------------------------------------------
 # Chunked loss
@@ -70,7 +69,10 @@ def test_chunked_loss_under_autocast_matches_the_plain_loss_under_autocast(dtype
     labels = torch.randint(0, 300, (2, 40), generator=gen)
     labels[0, :9] = -100
     grads = []
-    for fn in (lambda: plain_loss(hidden, weight, labels, None), lambda: chunked_causal_lm_loss(hidden, weight, labels, None, 7)):
+    for fn in (
+        lambda: plain_loss(hidden, weight, labels, None),
+        lambda: chunked_causal_lm_loss(hidden, weight, labels, None, 7),
+    ):
         hidden.grad = weight.grad = None
         with torch.autocast("cpu", dtype=dtype):
             loss = fn()
@@ -93,8 +95,13 @@ def peft_model(tiny_model_dir, share: bool):
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                        modules_to_save=["embed_tokens", "lm_head"])
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "v_proj"],
+        modules_to_save=["embed_tokens", "lm_head"],
+    )
     model = get_peft_model(model, config)
     freed = share_trained_copies(model) if share else 0
     return model, freed
@@ -118,7 +125,9 @@ def test_shared_originals_train_and_save_exactly_as_peft_copies(tiny_model_dir):
     matrix = 400 * shared.config.hidden_size  # vocab x hidden
     assert freed == 2 * matrix * 4  # embed_tokens + lm_head, fp32
     assert sum(p.numel() for p in shared.parameters()) == sum(p.numel() for p in copies.parameters()) - 2 * matrix
-    assert sum(p.numel() for p in shared.parameters() if p.requires_grad) == sum(p.numel() for p in copies.parameters() if p.requires_grad)
+    assert sum(p.numel() for p in shared.parameters() if p.requires_grad) == sum(
+        p.numel() for p in copies.parameters() if p.requires_grad
+    )
 
     ids = torch.randint(3, 400, (2, 24), generator=torch.Generator().manual_seed(1))
     losses = {}
@@ -150,7 +159,9 @@ def test_nothing_is_shared_under_zero3_partitions(tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_pretrain_adapter_and_peft_path_continuation_equal_peft_copies(tmp_path, tiny_model_dir, sp_tokenizer_dir, text_dir, monkeypatch):
+def test_pretrain_adapter_and_peft_path_continuation_equal_peft_copies(
+    tmp_path, tiny_model_dir, sp_tokenizer_dir, text_dir, monkeypatch
+):
     """The whole command, with and without the sharing: same losses, same pt_lora_model, and a
     --peft_path continuation of it (PEFT rebuilds the wrappers on load) trains the same too."""
     from safetensors.torch import load_file
@@ -160,17 +171,54 @@ def test_pretrain_adapter_and_peft_path_continuation_equal_peft_copies(tmp_path,
 
     def run(name, steps, *extra):
         argv = [
-            "--model_name_or_path", str(tiny_model_dir), "--tokenizer_name_or_path", str(sp_tokenizer_dir),
-            "--dataset_dir", str(text_dir), "--data_cache_dir", str(tmp_path / "cache"),
-            "--output_dir", str(tmp_path / name), "--block_size", "32", "--per_device_train_batch_size", "2",
-            "--max_steps", str(steps), "--learning_rate", "1e-3", "--do_train", "--seed", "5", "--report_to", "none",
-            "--logging_steps", "1", "--save_strategy", "no", "--validation_split_percentage", "0.05",
-            "--disable_tqdm", "True", "--trainable", "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj",
-            "--modules_to_save", "embed_tokens,lm_head", "--lora_rank", "8", "--lora_alpha", "32",
-            "--lora_dropout", "0.05", "--gradient_checkpointing", *extra,
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--tokenizer_name_or_path",
+            str(sp_tokenizer_dir),
+            "--dataset_dir",
+            str(text_dir),
+            "--data_cache_dir",
+            str(tmp_path / "cache"),
+            "--output_dir",
+            str(tmp_path / name),
+            "--block_size",
+            "32",
+            "--per_device_train_batch_size",
+            "2",
+            "--max_steps",
+            str(steps),
+            "--learning_rate",
+            "1e-3",
+            "--do_train",
+            "--seed",
+            "5",
+            "--report_to",
+            "none",
+            "--logging_steps",
+            "1",
+            "--save_strategy",
+            "no",
+            "--validation_split_percentage",
+            "0.05",
+            "--disable_tqdm",
+            "True",
+            "--trainable",
+            "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj",
+            "--modules_to_save",
+            "embed_tokens,lm_head",
+            "--lora_rank",
+            "8",
+            "--lora_alpha",
+            "32",
+            "--lora_dropout",
+            "0.05",
+            "--gradient_checkpointing",
+            *extra,
         ]
         result = pretrain(*parse_pretrain_args(argv))
-        shares = all(w.original_module.weight is w.modules_to_save["default"].weight for w in wrappers(result.trainer.model))
+        shares = all(
+            w.original_module.weight is w.modules_to_save["default"].weight for w in wrappers(result.trainer.model)
+        )
         losses = [entry["loss"] for entry in result.trainer.state.log_history if "loss" in entry]
         return losses, tmp_path / name / "pt_lora_model", shares
 
@@ -183,8 +231,13 @@ def test_pretrain_adapter_and_peft_path_continuation_equal_peft_copies(tmp_path,
     for ours, theirs in ((shared, copies), (shared_more, copies_more)):
         assert len(ours[0]) == len(theirs[0]) > 0
         assert ours[0] == pytest.approx(theirs[0], abs=1e-6)
-        assert json.loads((ours[1] / "adapter_config.json").read_text()) == json.loads((theirs[1] / "adapter_config.json").read_text())
-        a, b = load_file(str(ours[1] / "adapter_model.safetensors")), load_file(str(theirs[1] / "adapter_model.safetensors"))
+        assert json.loads((ours[1] / "adapter_config.json").read_text()) == json.loads(
+            (theirs[1] / "adapter_config.json").read_text()
+        )
+        a, b = (
+            load_file(str(ours[1] / "adapter_model.safetensors")),
+            load_file(str(theirs[1] / "adapter_model.safetensors")),
+        )
         assert a.keys() == b.keys() and "base_model.model.lm_head.weight" in a
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)

@@ -14,7 +14,9 @@ def test_the_four_modes_are_accepted(model_vocab, tokenizer_len):
     assert check_vocab_pair(model_vocab, tokenizer_len) == VOCAB_MODES[(model_vocab, tokenizer_len)]
 
 
-@pytest.mark.parametrize("pair", [(32000, 49954), (49953, 32000), (49953, 49954), (49954, 49953), (32000, 32001), (40000, 49953)])
+@pytest.mark.parametrize(
+    "pair", [(32000, 49954), (49953, 32000), (49953, 49954), (49954, 49953), (32000, 32001), (40000, 49953)]
+)
 def test_other_pairs_in_the_llama_family_are_refused_naming_both_sizes(pair):
     model_vocab, tokenizer_len = pair
     with pytest.raises(ZhtrainError) as info:

@@ -21,16 +21,23 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fixtures import make_tiny_llama
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LOSS_TOL = 1e-4
 ADAPTER_TOL = 1e-5
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # the `torchrun` console script, same code
 SEED_LORA = [
-    "--trainable", "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj",
-    "--modules_to_save", "embed_tokens,lm_head", "--lora_rank", "8", "--lora_alpha", "32", "--lora_dropout", "0",
+    "--trainable",
+    "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj",
+    "--modules_to_save",
+    "embed_tokens,lm_head",
+    "--lora_rank",
+    "8",
+    "--lora_alpha",
+    "32",
+    "--lora_dropout",
+    "0",
 ]
 
 
@@ -42,11 +49,40 @@ def free_port() -> int:
 
 def flags(model, tokenizer, data, out, cache, batch: int, *extra) -> list[str]:
     return [
-        "--model_name_or_path", str(model), "--tokenizer_name_or_path", str(tokenizer), "--dataset_dir", str(data),
-        "--data_cache_dir", str(cache), "--output_dir", str(out), "--block_size", "32",
-        "--per_device_train_batch_size", str(batch), "--max_steps", "4", "--learning_rate", "1e-3", "--do_train",
-        "--seed", "7", "--report_to", "none", "--logging_steps", "1", "--save_steps", "2", "--disable_tqdm", "True",
-        "--validation_split_percentage", "0.05", "--overwrite_output_dir", *SEED_LORA, *extra,
+        "--model_name_or_path",
+        str(model),
+        "--tokenizer_name_or_path",
+        str(tokenizer),
+        "--dataset_dir",
+        str(data),
+        "--data_cache_dir",
+        str(cache),
+        "--output_dir",
+        str(out),
+        "--block_size",
+        "32",
+        "--per_device_train_batch_size",
+        str(batch),
+        "--max_steps",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--do_train",
+        "--seed",
+        "7",
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        "2",
+        "--disable_tqdm",
+        "True",
+        "--validation_split_percentage",
+        "0.05",
+        "--overwrite_output_dir",
+        *SEED_LORA,
+        *extra,
     ]
 
 
@@ -124,7 +160,9 @@ def reference(tmp_path_factory, small_model, sp_tokenizer_dir, corpus) -> dict:
     from zhtrain.pretrain import parse_pretrain_args, pretrain
 
     root = tmp_path_factory.mktemp("reference")
-    result = pretrain(*parse_pretrain_args(flags(small_model, sp_tokenizer_dir, corpus, root / "out", root / "cache", 2)))
+    result = pretrain(
+        *parse_pretrain_args(flags(small_model, sp_tokenizer_dir, corpus, root / "out", root / "cache", 2))
+    )
     model = result.trainer.model.eval()
     probe = torch.arange(3, 35)[None]
     with torch.no_grad():
@@ -139,10 +177,22 @@ def reference(tmp_path_factory, small_model, sp_tokenizer_dir, corpus) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["DistributedDataParallel", "DeepSpeedEngine"])
 def test_two_processes_train_like_one(tmp_path, small_model, sp_tokenizer_dir, corpus, reference, engine):
-    extra = ["--deepspeed", str(REPO / "src" / "zhtrain" / "configs" / "ds_zero2_no_offload.json")] if engine == "DeepSpeedEngine" else []
+    extra = (
+        ["--deepspeed", str(REPO / "src" / "zhtrain" / "configs" / "ds_zero2_no_offload.json")]
+        if engine == "DeepSpeedEngine"
+        else []
+    )
     out, cache = tmp_path / "out", tmp_path / "cache"
-    cmd = [*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "zhtrain.pretrain",
-           *flags(small_model, sp_tokenizer_dir, corpus, out, cache, 1, *extra)]
+    cmd = [
+        *TORCHRUN,
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "zhtrain.pretrain",
+        *flags(small_model, sp_tokenizer_dir, corpus, out, cache, 1, *extra),
+    ]
     log = run(cmd, tmp_path)
     text = log.stdout + log.stderr
     assert text.count(f"trained with engine {engine}, world size 2") == 1  # rank 0 alone logs
@@ -155,15 +205,35 @@ def test_two_processes_train_like_one(tmp_path, small_model, sp_tokenizer_dir, c
 
 
 @pytest.mark.slow
-def test_two_processes_with_checkpointing_keep_dropout_masks_and_train_the_same(tmp_path, small_model, sp_tokenizer_dir, corpus):
+def test_two_processes_with_checkpointing_keep_dropout_masks_and_train_the_same(
+    tmp_path, small_model, sp_tokenizer_dir, corpus
+):
     """LoRA dropout under gradient checkpointing, 2 processes: each rank's masks kept from its own
     generator train exactly as masks drawn again in the recompute (--keep_dropout_masks False)."""
 
     def ddp(name: str, *extra: str):
         out = tmp_path / name
-        cmd = [*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "zhtrain.pretrain",
-               *flags(small_model, sp_tokenizer_dir, corpus, out, tmp_path / "cache", 1,
-                      "--lora_dropout", "0.1", "--gradient_checkpointing", *extra)]
+        cmd = [
+            *TORCHRUN,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "zhtrain.pretrain",
+            *flags(
+                small_model,
+                sp_tokenizer_dir,
+                corpus,
+                out,
+                tmp_path / "cache",
+                1,
+                "--lora_dropout",
+                "0.1",
+                "--gradient_checkpointing",
+                *extra,
+            ),
+        ]
         log = run(cmd, tmp_path)
         text = log.stdout + log.stderr
         assert text.count("trained with engine DistributedDataParallel, world size 2") == 1
@@ -189,9 +259,22 @@ def test_two_nodes_on_loopback_train_like_one(tmp_path, small_model, sp_tokenize
     port, cache = free_port(), tmp_path / "cache"
     procs = []
     for node in (0, 1):
-        cmd = [*TORCHRUN, "--nnodes", "2", "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
-               "--nproc_per_node", "1", "-m", "zhtrain.pretrain",
-               *flags(small_model, sp_tokenizer_dir, corpus, tmp_path / f"out{node}", cache, 1)]
+        cmd = [
+            *TORCHRUN,
+            "--nnodes",
+            "2",
+            "--node_rank",
+            str(node),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            "--nproc_per_node",
+            "1",
+            "-m",
+            "zhtrain.pretrain",
+            *flags(small_model, sp_tokenizer_dir, corpus, tmp_path / f"out{node}", cache, 1),
+        ]
         procs.append(start(cmd, tmp_path / f"node{node}.log", tmp_path))
     for proc in procs:
         proc.wait(timeout=600)
@@ -205,7 +288,9 @@ def test_two_nodes_on_loopback_train_like_one(tmp_path, small_model, sp_tokenize
     assert_cache_built_once(cache, corpus)
     assert_same_training(tmp_path / "out0", reference)
     node1 = {p.relative_to(tmp_path / "out1").as_posix() for p in (tmp_path / "out1").rglob("*")}
-    assert not any("pt_lora_model" in p or p in ("report.json", "zhtrain_run.json", "trainer_state.json") for p in node1), node1
+    assert not any(
+        "pt_lora_model" in p or p in ("report.json", "zhtrain_run.json", "trainer_state.json") for p in node1
+    ), node1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,13 +298,32 @@ def test_two_nodes_on_loopback_train_like_one(tmp_path, small_model, sp_tokenize
 
 
 @pytest.mark.slow
-def test_zero3_resizes_trains_embeddings_and_saves_a_full_adapter(tmp_path, small_model, sp_tokenizer_dir, corpus, reference):
+def test_zero3_resizes_trains_embeddings_and_saves_a_full_adapter(
+    tmp_path, small_model, sp_tokenizer_dir, corpus, reference
+):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     out, cache = tmp_path / "out", tmp_path / "cache"
-    cmd = [*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "zhtrain.pretrain",
-           *flags(small_model, sp_tokenizer_dir, corpus, out, cache, 1, "--deepspeed", str(REPO / "src" / "zhtrain" / "configs" / "ds_zero3.json"))]
+    cmd = [
+        *TORCHRUN,
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "zhtrain.pretrain",
+        *flags(
+            small_model,
+            sp_tokenizer_dir,
+            corpus,
+            out,
+            cache,
+            1,
+            "--deepspeed",
+            str(REPO / "src" / "zhtrain" / "configs" / "ds_zero3.json"),
+        ),
+    ]
     log = run(cmd, tmp_path)
     text = log.stdout + log.stderr
     assert "trained with engine DeepSpeedEngine, world size 2" in text
@@ -244,18 +348,43 @@ def test_zero3_resizes_trains_embeddings_and_saves_a_full_adapter(tmp_path, smal
 
 @pytest.mark.slow
 def test_zero3_stage1_trains_only_the_new_rows(tmp_path, small_model, sp_tokenizer_dir, corpus):
-    """--training_stage embeddings --train_new_rows_only on partitioned weights: the model's own rows stay bit-identical."""
+    """--training_stage embeddings --train_new_rows_only on partitioned weights: the model's own rows stay
+    bit-identical."""
     from transformers import AutoModelForCausalLM
 
     out, cache = tmp_path / "out", tmp_path / "cache"
-    cmd = [*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "zhtrain.pretrain",
-           *flags(small_model, sp_tokenizer_dir, corpus, out, cache, 1, "--deepspeed", str(REPO / "src" / "zhtrain" / "configs" / "ds_zero3.json"),
-                  "--training_stage", "embeddings", "--train_new_rows_only", "--save_strategy", "no")]
+    cmd = [
+        *TORCHRUN,
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "zhtrain.pretrain",
+        *flags(
+            small_model,
+            sp_tokenizer_dir,
+            corpus,
+            out,
+            cache,
+            1,
+            "--deepspeed",
+            str(REPO / "src" / "zhtrain" / "configs" / "ds_zero3.json"),
+            "--training_stage",
+            "embeddings",
+            "--train_new_rows_only",
+            "--save_strategy",
+            "no",
+        ),
+    ]
     text = (lambda log: log.stdout + log.stderr)(run(cmd, tmp_path))
     assert "trained with engine DeepSpeedEngine, world size 2" in text
     weights = adapter_of(out)
     base = AutoModelForCausalLM.from_pretrained(str(small_model))
-    for name, matrix in (("embed_tokens", base.get_input_embeddings().weight), ("lm_head", base.get_output_embeddings().weight)):
+    for name, matrix in (
+        ("embed_tokens", base.get_input_embeddings().weight),
+        ("lm_head", base.get_output_embeddings().weight),
+    ):
         trained = next(t for k, t in weights.items() if name in k)
         assert trained.shape == (400, matrix.shape[1])
         assert torch.equal(trained[:320], matrix.detach())  # the model's own rows: untouched
@@ -270,18 +399,48 @@ def test_zero3_stage1_trains_only_the_new_rows(tmp_path, small_model, sp_tokeniz
 
 
 @pytest.mark.slow
-def test_fsdp2_shards_trains_like_one_process_and_rank0_saves_the_adapter(tmp_path, small_model, sp_tokenizer_dir, corpus):
+def test_fsdp2_shards_trains_like_one_process_and_rank0_saves_the_adapter(
+    tmp_path, small_model, sp_tokenizer_dir, corpus
+):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    worker = [str(REPO / "benchmarks" / "bench_distributed.py"), "--worker", "--model", str(small_model),
-              "--tokenizer", str(sp_tokenizer_dir), "--data", str(corpus), "--cache", str(tmp_path / "cache")]
+    worker = [
+        str(REPO / "benchmarks" / "bench_distributed.py"),
+        "--worker",
+        "--model",
+        str(small_model),
+        "--tokenizer",
+        str(sp_tokenizer_dir),
+        "--data",
+        str(corpus),
+        "--cache",
+        str(tmp_path / "cache"),
+    ]
     run([sys.executable, *worker, "--out", str(tmp_path / "one"), "--batch", "2"], tmp_path)
-    run([*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), *worker, "--out", str(tmp_path / "two"), "--batch", "1"], tmp_path)
+    run(
+        [
+            *TORCHRUN,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            *worker,
+            "--out",
+            str(tmp_path / "two"),
+            "--batch",
+            "1",
+        ],
+        tmp_path,
+    )
     one = json.loads((tmp_path / "one" / "fsdp_result.json").read_text())
     two = json.loads((tmp_path / "two" / "fsdp_result.json").read_text())
     assert (one["world_size"], one["wrapper"]) == (1, "PeftModelForCausalLM")
-    assert (two["world_size"], two["wrapper"], two["fsdp_units"]) == (2, "FSDPPeftModelForCausalLM", 3)  # 2 layers + root
+    assert (two["world_size"], two["wrapper"], two["fsdp_units"]) == (
+        2,
+        "FSDPPeftModelForCausalLM",
+        3,
+    )  # 2 layers + root
     assert two["losses"] == pytest.approx(one["losses"], abs=LOSS_TOL)
     assert one["losses"][-1] < one["losses"][0]
     for name, tensor in adapter_of(tmp_path / "one").items():
@@ -291,7 +450,9 @@ def test_fsdp2_shards_trains_like_one_process_and_rank0_saves_the_adapter(tmp_pa
     base.resize_token_embeddings(400)
     model = PeftModel.from_pretrained(base, str(tmp_path / "two" / "pt_lora_model")).eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=probe["input_ids"][None]).logits, probe["logits"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model(input_ids=probe["input_ids"][None]).logits, probe["logits"], atol=1e-5, rtol=1e-5
+        )
     assert_no_leftovers(tmp_path / "two")
 
 
@@ -316,10 +477,37 @@ def test_a_stalled_then_killed_rank_ends_the_job_with_a_sentence(tmp_path, small
     timeout_s, port = 15, free_port()
     launchers, logs = [], [tmp_path / "node0.log", tmp_path / "node1.log"]
     for node in (0, 1):
-        cmd = [sys.executable, "-m", "zhtrain", "launch", "--nnodes", "2", "--node_rank", str(node), "--master_addr", "127.0.0.1",
-               "--master_port", str(port), "--nproc_per_node", "1", "pretrain",
-               *flags(small_model, sp_tokenizer_dir, corpus, tmp_path / f"out{node}", tmp_path / "cache", 1,
-                      "--max_steps", "100000", "--save_steps", "100000", "--ddp_timeout", str(timeout_s))]
+        cmd = [
+            sys.executable,
+            "-m",
+            "zhtrain",
+            "launch",
+            "--nnodes",
+            "2",
+            "--node_rank",
+            str(node),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            "--nproc_per_node",
+            "1",
+            "pretrain",
+            *flags(
+                small_model,
+                sp_tokenizer_dir,
+                corpus,
+                tmp_path / f"out{node}",
+                tmp_path / "cache",
+                1,
+                "--max_steps",
+                "100000",
+                "--save_steps",
+                "100000",
+                "--ddp_timeout",
+                str(timeout_s),
+            ),
+        ]
         launchers.append(start(cmd, logs[node], tmp_path))
     worker = None
     try:
@@ -335,8 +523,11 @@ def test_a_stalled_then_killed_rank_ends_the_job_with_a_sentence(tmp_path, small
         assert time.monotonic() - stopped < timeout_s + 60
         log0 = logs[0].read_text()
         assert launchers[0].returncode != 0
-        assert re.search(rf"zhtrain: error: rank 0 of 2 lost contact with another process during training \(.*\): another "
-                         rf"rank died or was killed .* --ddp_timeout {timeout_s}s", log0), log0[-3000:]
+        assert re.search(
+            rf"zhtrain: error: rank 0 of 2 lost contact with another process during training \(.*\): another "
+            rf"rank died or was killed .* --ddp_timeout {timeout_s}s",
+            log0,
+        ), log0[-3000:]
         assert "zhtrain: error: rank 0 (local rank 0, pid" in log0  # the launcher's summary line
         worker.kill()
         launchers[1].wait(timeout=60)
@@ -359,23 +550,55 @@ def test_wrong_master_address_or_port_fails_fast_with_a_sentence(tmp_path):
     run at once: node 0 given an address that is not this machine's, node 1 a port nobody serves."""
     common = ["--nproc_per_node", "1", "pretrain", "--output_dir", str(tmp_path / "out")]
     cases = {
-        "not this machine": ["--nnodes", "2", "--node_rank", "0", "--master_addr", "10.255.255.1", "--master_port", str(free_port())],
-        "nothing answers": ["--nnodes", "2", "--node_rank", "1", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                            "--rdzv_conf", "timeout=3"],
+        "not this machine": [
+            "--nnodes",
+            "2",
+            "--node_rank",
+            "0",
+            "--master_addr",
+            "10.255.255.1",
+            "--master_port",
+            str(free_port()),
+        ],
+        "nothing answers": [
+            "--nnodes",
+            "2",
+            "--node_rank",
+            "1",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            "--rdzv_conf",
+            "timeout=3",
+        ],
     }
     started = time.monotonic()
-    procs = {name: subprocess.Popen([sys.executable, "-m", "zhtrain", "launch", *argv, *common], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env()) for name, argv in cases.items()}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "zhtrain", "launch", *argv, *common],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+            env=env(),
+        )
+        for name, argv in cases.items()
+    }
     results = {name: (proc.communicate(timeout=120), proc.returncode) for name, proc in procs.items()}
     assert time.monotonic() - started < 120
     (_, err), code = results["not this machine"]
     assert code == 2 and err.strip().splitlines()[-1] == (
-        f"zhtrain: error: --master_addr 10.255.255.1 --master_port {cases['not this machine'][-1]}: 10.255.255.1 is not an address "
-        "of this machine, but --node_rank 0 hosts the rendezvous there; pass this machine's address as the other nodes reach it")
+        f"zhtrain: error: --master_addr 10.255.255.1 --master_port {cases['not this machine'][-1]}: "
+        "10.255.255.1 is not an address of this machine, but --node_rank 0 hosts the rendezvous there; "
+        "pass this machine's address as the other nodes reach it"
+    )
     (_, err), code = results["nothing answers"]
     last = err.strip().splitlines()[-1]
-    assert code == 2 and last.startswith(f"zhtrain: error: --master_addr 127.0.0.1 --master_port {cases['nothing answers'][-3]}: "
-                                         "node 0's rendezvous did not answer within 3s"), err[-2000:]
+    assert code == 2 and last.startswith(
+        f"zhtrain: error: --master_addr 127.0.0.1 --master_port {cases['nothing answers'][-3]}: "
+        "node 0's rendezvous did not answer within 3s"
+    ), err[-2000:]
     assert "Traceback" not in err
 
 
@@ -387,19 +610,26 @@ def test_deepspeed_config_contradicting_the_flags_is_one_line(tmp_path, tiny_mod
     config["fp16"]["enabled"] = True
     path = tmp_path / "ds_fp16.json"
     path.write_text(json.dumps(config))
-    argv = flags(tiny_model_dir, sp_tokenizer_dir, text_dir, tmp_path / "out", tmp_path / "cache", 1, "--deepspeed", str(path))
+    argv = flags(
+        tiny_model_dir, sp_tokenizer_dir, text_dir, tmp_path / "out", tmp_path / "cache", 1, "--deepspeed", str(path)
+    )
     with pytest.raises(ZhtrainError) as err:
         parse_pretrain_args([*argv, "--bf16"])
-    assert str(err.value) == (f"--deepspeed {path}: fp16.enabled is true but the flags say --bf16; set fp16.enabled to \"auto\" "
-                              "so the flags decide, or pass --fp16 instead of --bf16")
+    assert str(err.value) == (
+        f'--deepspeed {path}: fp16.enabled is true but the flags say --bf16; set fp16.enabled to "auto" '
+        "so the flags decide, or pass --fp16 instead of --bf16"
+    )
     if not torch.cuda.is_available():  # here fp16 itself cannot run: say that, not a batch of HF mismatches later
         with pytest.raises(ZhtrainError, match=r"fp16.enabled is true, which needs a CUDA GPU \(none here\)"):
             parse_pretrain_args([*argv, "--fp16"])
     config["fp16"]["enabled"] = "auto"
     config["train_micro_batch_size_per_gpu"] = 4
     path.write_text(json.dumps(config))
-    with pytest.raises(ZhtrainError, match=r"values contradict the flags \(ds train_micro_batch_size_per_gpu=4 vs hf "
-                                           r"per_device_train_batch_size=1\); set them to \"auto\""):
+    with pytest.raises(
+        ZhtrainError,
+        match=r"values contradict the flags \(ds train_micro_batch_size_per_gpu=4 vs hf "
+        r"per_device_train_batch_size=1\); set them to \"auto\"",
+    ):
         parse_pretrain_args(argv)
 
 
@@ -427,8 +657,13 @@ def test_launch_gives_each_process_its_share_of_the_cores(monkeypatch):
 def test_gpu_check_script_runs_in_tiny_mode(tmp_path):
     script = REPO / "benchmarks" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=900,
-                          env=dict(env(), GPU_CHECK_TINY="1", GPU_CHECK_DIR=str(tmp_path / "work"), PYTHON=sys.executable))
+    proc = subprocess.run(
+        ["bash", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(env(), GPU_CHECK_TINY="1", GPU_CHECK_DIR=str(tmp_path / "work"), PYTHON=sys.executable),
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     lines = proc.stdout.splitlines()
     assert lines[-1] == "gpu_check: OK"

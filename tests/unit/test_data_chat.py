@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from sft_fixtures import sharegpt_records, write_alpaca, write_sharegpt
+
 from zhtrain.data.chat import find_data_files, load_conversations
 from zhtrain.data.supervised import IGNORE_INDEX, PadToLongest, choose_pad_token
 from zhtrain.errors import ZhtrainError
@@ -21,7 +21,9 @@ def load(path, fmt="auto"):
 def test_sharegpt_openai_alpaca_json_and_jsonl_give_the_same_messages(tmp_path):
     share = load(write_sharegpt(tmp_path / "share.json"))
     openai = [{"messages": [{"role": m["role"], "content": m["content"]} for m in c.messages]} for c in share]
-    (tmp_path / "openai.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in openai) + "\n\n", encoding="utf-8")
+    (tmp_path / "openai.jsonl").write_text(
+        "\n".join(json.dumps(r, ensure_ascii=False) for r in openai) + "\n\n", encoding="utf-8"
+    )
     assert [c.messages for c in load(tmp_path / "openai.jsonl")] == [c.messages for c in share]
     assert share[0].id == "conv_0_0" and share[1].messages[0]["role"] == "system"
     # FastChat data may say user/assistant in "from"; a .json file may hold JSONL.
@@ -29,7 +31,9 @@ def test_sharegpt_openai_alpaca_json_and_jsonl_give_the_same_messages(tmp_path):
     for record in records:
         for turn in record["conversations"]:
             turn["from"] = {"human": "user", "gpt": "assistant"}.get(turn["from"], turn["from"])
-    (tmp_path / "lines.json").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
+    (tmp_path / "lines.json").write_text(
+        "\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8"
+    )
     assert [c.messages for c in load(tmp_path / "lines.json")] == [c.messages for c in share]
 
 
@@ -50,7 +54,13 @@ def test_folder_and_comma_lists_and_final_unanswered_question(tmp_path):
     files = find_data_files(str(tmp_path / "d"), "--dataset_dir")
     assert [f.name for f in files] == ["x.json", "y.json"]
     assert len(find_data_files(f"{files[0]},{files[1]}", "--data_path")) == 2
-    record = {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}, {"from": "human", "value": "c"}]}
+    record = {
+        "conversations": [
+            {"from": "human", "value": "a"},
+            {"from": "gpt", "value": "b"},
+            {"from": "human", "value": "c"},
+        ]
+    }
     (tmp_path / "u.json").write_text(json.dumps([record]))
     (conversation,) = load(tmp_path / "u.json")
     assert conversation.unanswered == 1 and [m["content"] for m in conversation.messages] == ["a", "b"]
@@ -101,12 +111,21 @@ def test_bad_records_name_file_line_record_and_message(tmp_path, case):
 @pytest.mark.parametrize(
     "text, pattern",
     [
-        ('[\n{"instruction": "a", "output": "b"},\n{"conversations": [}\n]', r"line 3: invalid JSON \(Expecting value\)"),
-        ('[\n{"instruction": "a", "output": "b"}\n{"b": 2}\n]', r"line 3: invalid JSON \(expected ',' or ']' after a record\)"),
+        (
+            '[\n{"instruction": "a", "output": "b"},\n{"conversations": [}\n]',
+            r"line 3: invalid JSON \(Expecting value\)",
+        ),
+        (
+            '[\n{"instruction": "a", "output": "b"}\n{"b": 2}\n]',
+            r"line 3: invalid JSON \(expected ',' or ']' after a record\)",
+        ),
         ('[\n{"instruction": "a", "output": "b"},\n', r"line 3: invalid JSON \(Expecting value\)"),
         ('[{"instruction": "a", "output": "b"}] x', r"line 1: invalid JSON \(extra data after the list\)"),
         ("hello", r"line 1: expected a JSON list"),
-        ('[\n{"instruction": "a", "output": "b"},\n' + "[" * 100_000 + "]" * 100_000 + "\n]", r"line 3: JSON nested too deeply"),
+        (
+            '[\n{"instruction": "a", "output": "b"},\n' + "[" * 100_000 + "]" * 100_000 + "\n]",
+            r"line 3: JSON nested too deeply",
+        ),
     ],
     ids=["bad-value", "missing-comma", "unterminated", "extra-data", "not-json", "nested-too-deep"],
 )
@@ -119,14 +138,21 @@ def test_malformed_json_names_the_line(tmp_path, text, pattern):
 
 def test_malformed_jsonl_names_the_line(tmp_path):
     path = tmp_path / "broken.jsonl"
-    path.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n\n{"messages": [\n')
+    path.write_text(
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n\n{"messages": [\n'
+    )
     with pytest.raises(ZhtrainError, match=f"^{path}: line 3: invalid JSON"):
         load(path)
 
 
 def test_deeply_nested_jsonl_line_names_the_line(tmp_path):
     path = tmp_path / "deep.jsonl"
-    path.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    path.write_text(
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
+        + "[" * 100_000
+        + "]" * 100_000
+        + "\n"
+    )
     with pytest.raises(ZhtrainError, match=f"^{path}: line 2: JSON nested too deeply"):
         load(path)
 
@@ -157,14 +183,18 @@ def test_empty_dataset_and_missing_paths(tmp_path):
 
 def test_pad_to_longest_masks_padding_and_keeps_eos_that_equals_pad():
     collate = PadToLongest(pad_token_id=2)
-    batch = collate([
-        {"input_ids": [1, 5, 6, 2], "labels": [IGNORE_INDEX, IGNORE_INDEX, 6, 2]},
-        {"input_ids": [1, 7], "labels": [IGNORE_INDEX, 7]},
-    ])
+    batch = collate(
+        [
+            {"input_ids": [1, 5, 6, 2], "labels": [IGNORE_INDEX, IGNORE_INDEX, 6, 2]},
+            {"input_ids": [1, 7], "labels": [IGNORE_INDEX, 7]},
+        ]
+    )
     assert batch["input_ids"].tolist() == [[1, 5, 6, 2], [1, 7, 2, 2]]
     assert batch["labels"].tolist() == [[-100, -100, 6, 2], [-100, 7, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]  # the real eos (=pad id) is attended
-    assert PadToLongest(0, pad_to_multiple_of=8)([{"input_ids": [1], "labels": [1]}])["input_ids"].shape == torch.Size([1, 8])
+    assert PadToLongest(0, pad_to_multiple_of=8)([{"input_ids": [1], "labels": [1]}])["input_ids"].shape == torch.Size(
+        [1, 8]
+    )
 
 
 def test_pad_token_choice(sp_tokenizer_dir):

@@ -4,34 +4,69 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from fixtures import seed_script_args
 
 from zhtrain.errors import ZhtrainError
 from zhtrain.pretrain import parse_pretrain_args, pretrain
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SEED_LORA = [
-    "--trainable", "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj",
-    "--modules_to_save", "embed_tokens,lm_head",
-    "--lora_rank", "8", "--lora_alpha", "32", "--lora_dropout", "0.05",
+    "--trainable",
+    "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj",
+    "--modules_to_save",
+    "embed_tokens,lm_head",
+    "--lora_rank",
+    "8",
+    "--lora_alpha",
+    "32",
+    "--lora_dropout",
+    "0.05",
 ]
 
 
 def flags(model, tokenizer, data, out, *extra, steps=4, cache=None):
     return [
-        "--model_name_or_path", str(model), "--tokenizer_name_or_path", str(tokenizer),
-        "--dataset_dir", str(data), "--data_cache_dir", str(cache or Path(out).parent / "cache"),
-        "--output_dir", str(out), "--block_size", "32", "--per_device_train_batch_size", "2",
-        "--max_steps", str(steps), "--learning_rate", "1e-3", "--do_train", "--seed", "7",
-        "--report_to", "none", "--logging_steps", "1", "--save_steps", "2", "--save_total_limit", "3",
-        "--validation_split_percentage", "0.05", "--disable_tqdm", "True",
-        *SEED_LORA, *extra,
+        "--model_name_or_path",
+        str(model),
+        "--tokenizer_name_or_path",
+        str(tokenizer),
+        "--dataset_dir",
+        str(data),
+        "--data_cache_dir",
+        str(cache or Path(out).parent / "cache"),
+        "--output_dir",
+        str(out),
+        "--block_size",
+        "32",
+        "--per_device_train_batch_size",
+        "2",
+        "--max_steps",
+        str(steps),
+        "--learning_rate",
+        "1e-3",
+        "--do_train",
+        "--seed",
+        "7",
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        "2",
+        "--save_total_limit",
+        "3",
+        "--validation_split_percentage",
+        "0.05",
+        "--disable_tqdm",
+        "True",
+        *SEED_LORA,
+        *extra,
     ]
 
 
@@ -53,7 +88,12 @@ def test_adapter_folder_reloads_to_the_trained_model(tmp_path, tiny_model_dir, s
     result = run(flags(tiny_model_dir, sp_tokenizer_dir, text_dir, tmp_path / "out", "--do_eval"))
     adapter = tmp_path / "out" / "pt_lora_model"
     names = {p.name for p in adapter.iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.model", "tokenizer_config.json"} <= names  # the seed's files
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    } <= names  # the seed's files
     assert (tmp_path / "out" / "checkpoint-2" / "pt_lora_model" / "adapter_model.safetensors").is_file()
     # Weights are readable as the umask allows, like every other file (safetensors itself writes 0600).
     for folder in (adapter, tmp_path / "out" / "checkpoint-2", tmp_path / "out" / "checkpoint-2" / "pt_lora_model"):
@@ -61,7 +101,15 @@ def test_adapter_folder_reloads_to_the_trained_model(tmp_path, tiny_model_dir, s
         assert (folder / "adapter_model.safetensors").stat().st_mode & 0o777 == plain, folder
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["lora_alpha"] == 32
-    assert set(config["target_modules"]) == {"q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"}
+    assert set(config["target_modules"]) == {
+        "q_proj",
+        "v_proj",
+        "k_proj",
+        "o_proj",
+        "gate_proj",
+        "down_proj",
+        "up_proj",
+    }
     assert set(config["modules_to_save"]) == {"embed_tokens", "lm_head"}
     # Embeddings are stored once each (not PEFT's three copies after a resize), and the file is small.
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
@@ -77,7 +125,9 @@ def test_adapter_folder_reloads_to_the_trained_model(tmp_path, tiny_model_dir, s
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     reloaded = PeftModel.from_pretrained(base, str(adapter))
     assert torch.allclose(logits_of(reloaded, ids), trained, atol=1e-5)
-    assert not torch.allclose(logits_of(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), ids), trained, atol=1e-3)
+    assert not torch.allclose(
+        logits_of(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), ids), trained, atol=1e-3
+    )
     # Evaluation metrics are there and consistent.
     metrics = result.metrics
     assert 0 <= metrics["eval_accuracy"] <= 1
@@ -203,17 +253,6 @@ def test_preprocess_only_builds_the_cache_and_exits(tmp_path, tiny_model_dir, sp
     assert list((tmp_path / "cache").glob("*.tokens")) and not (tmp_path / "out").exists()
 
 
-def seed_script_args(script: Path, substitutions: dict) -> list[str]:
-    """The argument list of the torchrun line in a seed-style shell script, variables filled in."""
-    text = script.read_text()
-    variables = dict(re.findall(r"^(\w+)=(\S+)$", text, flags=re.M))
-    variables.update(substitutions)
-    command = text[text.index("torchrun"):].replace("\\\n", " ")
-    command = re.sub(r"\$\{?(\w+)\}?", lambda m: variables.get(m.group(1), "1"), command)
-    argv = shlex.split(command)
-    return argv[argv.index("zhtrain.pretrain") + 1 :]
-
-
 def test_run_pt_sh_flags_parse_with_the_seed_meaning():
     import warnings
 
@@ -227,7 +266,9 @@ def test_run_pt_sh_flags_parse_with_the_seed_meaning():
     assert training_args.learning_rate == 2e-4 and training_args.warmup_steps == 0.05
     assert training_args.lr_scheduler_type == "cosine" and training_args.weight_decay == 0.01
     assert training_args.max_steps == 100 and training_args.save_steps == 500 and training_args.save_total_limit == 3
-    assert training_args.overwrite_output_dir and training_args.gradient_checkpointing and training_args.logging_first_step
+    assert (
+        training_args.overwrite_output_dir and training_args.gradient_checkpointing and training_args.logging_first_step
+    )
     assert training_args.ddp_timeout == 30000 and training_args.ddp_find_unused_parameters is False
     assert data_args.validation_split_percentage == 0.001 and data_args.block_size == 512
     assert data_args.preprocessing_num_workers == 8 and model_args.torch_dtype == "float16"
@@ -241,13 +282,30 @@ def test_run_pt_sh_flags_parse_with_the_seed_meaning():
 
 def test_cli_prints_one_line_and_exits_2(tmp_path, tiny_model_dir, sp_tokenizer_dir):
     proc = subprocess.run(
-        [sys.executable, "-m", "zhtrain", "pretrain", "--model_name_or_path", str(tiny_model_dir),
-         "--tokenizer_name_or_path", str(sp_tokenizer_dir), "--dataset_dir", str(tmp_path / "missing"),
-         "--output_dir", str(tmp_path / "out"), "--do_train"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "zhtrain",
+            "pretrain",
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--tokenizer_name_or_path",
+            str(sp_tokenizer_dir),
+            "--dataset_dir",
+            str(tmp_path / "missing"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--do_train",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == f"zhtrain: error: --dataset_dir {tmp_path / 'missing'}: no such folder; pass a folder of *.txt files"
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == f"zhtrain: error: --dataset_dir {tmp_path / 'missing'}: no such folder; pass a folder of *.txt files"
+    )
     assert "Traceback" not in proc.stderr
 
 
@@ -263,14 +321,17 @@ def test_run_pt_sh_runs_to_the_end_with_deepspeed(tmp_path, tiny_model_dir, sp_t
         "--block_size 512": "--block_size 32",
         "output_dir=output_dir": f"output_dir={tmp_path / 'out'}",
         "data_cache=temp_data_cache_dir": f"data_cache={tmp_path / 'cache'}",
-        "deepspeed_config_file=ds_zero2_no_offload.json": f"deepspeed_config_file={REPO / 'src' / 'zhtrain' / 'configs' / 'ds_zero2_no_offload.json'}",
+        "deepspeed_config_file=ds_zero2_no_offload.json": "deepspeed_config_file="
+        + str(REPO / "src" / "zhtrain" / "configs" / "ds_zero2_no_offload.json"),
     }.items():
         assert old in script
         script = script.replace(old, new)
     (tmp_path / "run_pt.sh").write_text(script)
     bin_dir = Path(sys.executable).parent
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(Path.home()), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(["bash", str(tmp_path / "run_pt.sh")], capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
+    proc = subprocess.run(
+        ["bash", str(tmp_path / "run_pt.sh")], capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr  # the log goes to stdout (as the seed's), progress bars to stderr
     assert "trained with engine DeepSpeedEngine, world size 1" in log

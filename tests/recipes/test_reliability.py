@@ -6,8 +6,8 @@ them with a few kills.
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import math
 import os
 import subprocess
@@ -18,15 +18,22 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from zhtrain.training.args import LoraArguments, ZhtrainTrainingArguments
-from zhtrain.training.checkpoints import MANIFEST, is_complete, last_complete_checkpoint, list_checkpoints, rotate, write_manifest
 from zhtrain.errors import ZhtrainError
+from zhtrain.training.args import LoraArguments, ZhtrainTrainingArguments
+from zhtrain.training.checkpoints import (
+    MANIFEST,
+    SaveAdapterCallback,
+    is_complete,
+    last_complete_checkpoint,
+    list_checkpoints,
+    rotate,
+    take_over_rotation,
+    write_manifest,
+)
 from zhtrain.training.resume import RUN_FILE, prepare_output_dir
-from zhtrain.training.checkpoints import SaveAdapterCallback
-from zhtrain.training.checkpoints import take_over_rotation
 from zhtrain.training.trainer import build_trainer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
 
 
@@ -60,8 +67,16 @@ def test_only_checkpoints_with_a_matching_manifest_are_complete(tmp_path):
 
 def training_args(out: Path, **overrides) -> ZhtrainTrainingArguments:
     values = dict(
-        output_dir=str(out), max_steps=8, save_steps=2, save_total_limit=2, per_device_train_batch_size=2,
-        logging_steps=1, learning_rate=1e-3, seed=0, report_to="none", disable_tqdm=True,
+        output_dir=str(out),
+        max_steps=8,
+        save_steps=2,
+        save_total_limit=2,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        learning_rate=1e-3,
+        seed=0,
+        report_to="none",
+        disable_tqdm=True,
     )
     values.update(overrides)
     return ZhtrainTrainingArguments(**values)
@@ -79,7 +94,10 @@ def test_resume_skips_and_removes_what_a_kill_left_half_written(tmp_path):
     resume = prepare_output_dir(training_args(out), identity)
     assert resume == str(out / "checkpoint-4")
     assert not (out / "checkpoint-6").exists()
-    assert not (out / ".pt_lora_model.tmp-999999").exists() and not (out / "checkpoint-4" / ".pt_lora_model.tmp-999999").exists()
+    assert (
+        not (out / ".pt_lora_model.tmp-999999").exists()
+        and not (out / "checkpoint-4" / ".pt_lora_model.tmp-999999").exists()
+    )
     assert (out / "checkpoint-2").exists()
 
 
@@ -115,7 +133,15 @@ def tiny_trainer(tmp_path, tiny_model_dir, sp_tokenizer_dir, text_dir, callbacks
     torch.manual_seed(0)
     model = apply_lora(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), LoraArguments(), False)
     adapter = SaveAdapterCallback(tokenizer, None, "pt_lora_model")
-    return build_trainer(model, args, train, None, tokenizer, [adapter, *callbacks], take_over_rotation(args, logging.getLogger(__name__)))
+    return build_trainer(
+        model,
+        args,
+        train,
+        None,
+        tokenizer,
+        [adapter, *callbacks],
+        take_over_rotation(args, logging.getLogger(__name__)),
+    )
 
 
 class WatchSaves(TrainerCallback):
@@ -131,7 +157,9 @@ class WatchSaves(TrainerCallback):
 
 def test_rotation_waits_until_the_new_checkpoint_is_complete(tmp_path, tiny_model_dir, sp_tokenizer_dir, text_dir):
     watch = WatchSaves()
-    trainer = tiny_trainer(tmp_path, tiny_model_dir, sp_tokenizer_dir, text_dir, [watch], max_steps=6, save_total_limit=1)
+    trainer = tiny_trainer(
+        tmp_path, tiny_model_dir, sp_tokenizer_dir, text_dir, [watch], max_steps=6, save_total_limit=1
+    )
     trainer.train()
     # While checkpoint-N is unfinished (no manifest yet), the previous complete one is still there.
     assert watch.seen == [
@@ -184,7 +212,10 @@ class PoisonAt(TrainerCallback):
 def test_nan_loss_stops_before_the_step_is_saved(tmp_path, tiny_model_dir, sp_tokenizer_dir, text_dir):
     trainer = tiny_trainer(tmp_path, tiny_model_dir, sp_tokenizer_dir, text_dir, [PoisonAt(6)], max_steps=10)
     out = tmp_path / "out"
-    with pytest.raises(ZhtrainError, match=rf"training loss became nan at step 6; stopped .* Newest good checkpoint: {out / 'checkpoint-4'}"):
+    with pytest.raises(
+        ZhtrainError,
+        match=rf"training loss became nan at step 6; stopped .* Newest good checkpoint: {out / 'checkpoint-4'}",
+    ):
         trainer.train()
     # Step 6 would have been saved (save_steps 2): it was not, and checkpoint-4 stays the newest.
     assert [(step, ok) for step, _, ok in list_checkpoints(out)] == [(2, True), (4, True)]
@@ -193,15 +224,43 @@ def test_nan_loss_stops_before_the_step_is_saved(tmp_path, tiny_model_dir, sp_to
 
 
 def run_cli(*argv, cwd=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "zhtrain", *map(str, argv)], capture_output=True, text=True,
-                          timeout=timeout, env=ENV, cwd=cwd or REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "zhtrain", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+        cwd=cwd or REPO,
+    )
 
 
 def pretrain_flags(model, tokenizer, data, out):
-    return ["pretrain", "--model_name_or_path", model, "--tokenizer_name_or_path", tokenizer, "--dataset_dir", data,
-            "--data_cache_dir", Path(out).parent / "cache", "--output_dir", out, "--block_size", "32",
-            "--per_device_train_batch_size", "2", "--max_steps", "4", "--save_steps", "2", "--do_train",
-            "--report_to", "none", "--disable_tqdm", "True"]
+    return [
+        "pretrain",
+        "--model_name_or_path",
+        model,
+        "--tokenizer_name_or_path",
+        tokenizer,
+        "--dataset_dir",
+        data,
+        "--data_cache_dir",
+        Path(out).parent / "cache",
+        "--output_dir",
+        out,
+        "--block_size",
+        "32",
+        "--per_device_train_batch_size",
+        "2",
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "2",
+        "--do_train",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "True",
+    ]
 
 
 def test_cli_stops_on_an_inf_loss_with_one_line(tmp_path, sp_tokenizer_dir, text_dir):
@@ -253,8 +312,11 @@ def test_malicious_base_model_bin_is_refused(tmp_path, sp_tokenizer_dir, text_di
     proc = run_cli(*pretrain_flags(model, sp_tokenizer_dir, text_dir, tmp_path / "out"))
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]  # found when the model loads, after tokenizing
-    assert last == (f"zhtrain: error: {model}: pytorch_model.bin refused: unpickling it would call posix.system "
-                    "(zhtrain loads .bin files with torch.load(weights_only=True) only). Use safetensors weights from a source you trust")
+    assert last == (
+        f"zhtrain: error: {model}: pytorch_model.bin refused: unpickling it would call posix.system "
+        "(zhtrain loads .bin files with torch.load(weights_only=True) only). "
+        "Use safetensors weights from a source you trust"
+    )
     assert "Traceback" not in proc.stderr and not marker.exists()
 
 
@@ -263,14 +325,20 @@ def test_malicious_adapter_bin_for_peft_path_is_refused(tmp_path, sp_tokenizer_d
     from transformers import AutoModelForCausalLM
 
     adapter = tmp_path / "evil_adapter"
-    get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), LoraConfig(target_modules=["q_proj"])).save_pretrained(str(adapter))
+    get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), LoraConfig(target_modules=["q_proj"])
+    ).save_pretrained(str(adapter))
     (adapter / "adapter_model.safetensors").unlink()
     marker = tmp_path / "PWNED"
     plant_pickle(adapter / "adapter_model.bin", marker)
-    proc = run_cli(*pretrain_flags(tiny_model_dir, sp_tokenizer_dir, text_dir, tmp_path / "out"), "--peft_path", adapter)
+    proc = run_cli(
+        *pretrain_flags(tiny_model_dir, sp_tokenizer_dir, text_dir, tmp_path / "out"), "--peft_path", adapter
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"zhtrain: error: --peft_path {adapter}: adapter_model.bin refused: unpickling it would call posix.system")
+    assert last.startswith(
+        f"zhtrain: error: --peft_path {adapter}: adapter_model.bin refused: unpickling it would call posix.system"
+    )
     assert "Traceback" not in proc.stderr and not marker.exists()
 
 
@@ -296,13 +364,30 @@ def test_run_report_and_plot(tmp_path, tiny_model_dir, sp_tokenizer_dir, text_di
 
     out = tmp_path / "out"
     argv = [str(a) for a in pretrain_flags(tiny_model_dir, sp_tokenizer_dir, text_dir, out)[1:]]
-    argv += ["--max_steps", "6", "--logging_steps", "1", "--do_eval", "--eval_strategy", "steps", "--eval_steps", "2",
-             "--validation_split_percentage", "0.1", "--learning_rate", "1e-2"]
+    argv += [
+        "--max_steps",
+        "6",
+        "--logging_steps",
+        "1",
+        "--do_eval",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "2",
+        "--validation_split_percentage",
+        "0.1",
+        "--learning_rate",
+        "1e-2",
+    ]
     pretrain(*parse_pretrain_args(argv))
     report = json.loads((out / "report.json").read_text())
     assert report["command"] == "pretrain" and report["global_step"] == 6
     assert report["data"]["files"] == 2 and report["data"]["train_blocks"] > 0 and report["data"]["block_size"] == 32
-    assert report["vocabulary"] == {"model": 400, "tokenizer": 400, "mode": "custom vocabulary of 400 tokens, unchanged"}
+    assert report["vocabulary"] == {
+        "model": 400,
+        "tokenizer": 400,
+        "mode": "custom vocabulary of 400 tokens, unchanged",
+    }
     assert 0 < report["parameters"]["trainable"] < report["parameters"]["total"]
     assert report["training"]["tokens_per_step"] == 64 and report["training"]["tokens_per_second"] > 0
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
@@ -323,7 +408,9 @@ def test_report_without_matplotlib_skips_the_plot(tmp_path, monkeypatch):
     write_report(str(tmp_path), {"command": "pretrain", "output_dir": str(tmp_path), "global_step": 1}, history)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["plot"] is None and "matplotlib is not installed" in report["plot_note"]
-    assert not (tmp_path / "loss.png").exists() and "matplotlib is not installed" in (tmp_path / "report.md").read_text()
+    assert (
+        not (tmp_path / "loss.png").exists() and "matplotlib is not installed" in (tmp_path / "report.md").read_text()
+    )
 
 
 @pytest.mark.parametrize("available, expected", [(True, ["tensorboard"]), (False, [])])
@@ -343,9 +430,26 @@ def test_tensorboard_is_the_default_logger_when_installed(monkeypatch, tmp_path,
 def test_crash_trials_lose_nothing(tmp_path):
     result_file = tmp_path / "result.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "crash_trials.py"), "--kills", "4", "--max_steps", "16",
-         "--files", "4", "--lines", "1000", "--workdir", str(tmp_path / "work"), "--json", str(result_file)],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "crash_trials.py"),
+            "--kills",
+            "4",
+            "--max_steps",
+            "16",
+            "--files",
+            "4",
+            "--lines",
+            "1000",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--json",
+            str(result_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
     )
     assert result_file.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(result_file.read_text())
