@@ -9,7 +9,7 @@ step, half of it redrawing masks already drawn.
 `KeptMaskDropout` remembers its last mask (one bit per element) with the generator state before and after
 the draw. A mask is a function of that state and the shape, so when it is asked again from the
 same state it returns the same mask and moves the generator to where the draw would have left
-it: the same values bit for bit (tests/test_fast_paths.py), one draw, and nothing that depends on
+it: the same values bit for bit (tests/recipes/test_fast_paths.py), one draw, and nothing that depends on
 how checkpointing is implemented. The cost is one bit per LoRA input element, held from a
 layer's forward to its recompute.
 
