@@ -4,9 +4,10 @@ Each case asserts: exit code 2; stderr is exactly one line, `zhtrain: error: ...
 input and the fix; no traceback; nothing partial left where the output would go.
 
 Start-up (torch + transformers imports) costs seconds of CPU per process, so the cases run in
-processes forked from one warm interpreter (tests/cli_forkserver.py: the same entry point, own
-cwd, stdout/stderr and exit status), and one case per command in a fresh `python -m zhtrain`.
-All are started when the module's first test asks for them; each test then checks its own.
+processes forked from one warm interpreter (the `cli` fixture, tests/workers/cli_forkserver.py: the
+same entry point, own cwd, stdout/stderr and exit status), and one case per command in a fresh
+`python -m zhtrain`. All are started when the module's first test asks for them; each test then
+checks its own. A case may also give the exact line.
 
 Unwritable folders: root ignores permissions, so "cannot write here" is a path under a regular
 FILE (`<tmp>/a_file/out`), which fails for every user. A full disk is a 1 MB tmpfs (skipped
@@ -19,17 +20,16 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import pytest
-from fixtures import make_text_dir, make_tiny_llama
+from helpers import ALPACA_ONE, make_adapter, make_text_dir, make_tiny_llama, subprocess_env, write, zh
 
-ENV = dict(
-    os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONWARNINGS="default"
-)
+ENV = subprocess_env(OMP_NUM_THREADS="1", PYTHONWARNINGS="default")
+PLAIN_LORA = dict(targets=["q_proj", "v_proj"], modules_to_save=(), randomize=False)  # PEFT's own init: B = 0
 
 
 @dataclass
@@ -38,14 +38,7 @@ class Case:
     names: list  # what the error line must mention: the input (a path, a flag) ...
     fix: str  # ... and (part of) what to do about it
     untouched: list = field(default_factory=list)  # paths that must not exist afterwards
-
-
-def zh(*argv) -> list[str]:
-    return [sys.executable, "-m", "zhtrain", *map(str, argv)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Assets shared by the cases (tiny, built in-process)
+    exact: Optional[str] = None  # the whole line, where a test pins it
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +51,13 @@ def assets(tmp_path_factory, sp_tokenizer_dir, tiny_model_dir):
         "text": make_text_dir(root / "text", files=1, lines=50),
     }
     a["model32k"] = make_tiny_llama(root / "llama32000", vocab_size=32000)
-    a["adapter"] = make_adapter(tiny_model_dir, root / "adapter")
+    a["adapter"] = make_adapter(tiny_model_dir, root / "adapter", **PLAIN_LORA)
     other = make_tiny_llama(root / "other_base", vocab_size=400, seed=1)
     cfg = json.loads((other / "config.json").read_text())
     cfg.update(hidden_size=48, intermediate_size=96)  # a different architecture size
     (root / "wide").mkdir()
     (root / "wide" / "config.json").write_text(json.dumps(cfg))
-    a["wide_adapter"] = make_adapter(make_wide(root / "wide"), root / "wide_adapter")
+    a["wide_adapter"] = make_adapter(make_wide(root / "wide"), root / "wide_adapter", **PLAIN_LORA)
     a["file"] = root / "a_file"
     a["file"].write_text("I am a file, not a folder\n")
     return a
@@ -77,23 +70,6 @@ def make_wide(folder: Path) -> Path:
     torch.manual_seed(0)
     LlamaForCausalLM(AutoConfig.from_pretrained(str(folder))).save_pretrained(str(folder))
     return folder
-
-
-def make_adapter(model_dir: Path, out: Path) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(str(model_dir)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
-    )
-    model.save_pretrained(str(out))
-    return out
-
-
-def write(path: Path, data) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
-    return path
 
 
 def pretrain(a, d: Path, *extra, data=None, model=None, tokenizer=None):
@@ -154,9 +130,6 @@ def merge(a, d: Path, *extra, lora=None, base=None):
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# The catalogue: id -> (assets, case folder) -> Case
-
 CASES = {
     # The CLI itself and config files
     "unknown-command": lambda a, d: Case(zh("pretrian"), ["'pretrian'"], "choose one of: pretrain"),
@@ -200,6 +173,7 @@ CASES = {
         ["--dataset_dir", str(d / "nodata")],
         "pass a folder of *.txt files",
         [d / "out"],
+        exact=f"zhtrain: error: --dataset_dir {d / 'nodata'}: no such folder; pass a folder of *.txt files",
     ),
     "pretrain-no-txt-files": lambda a, d: Case(
         pretrain(a, d, data=write(d / "data" / "notes.md", "text").parent),
@@ -344,6 +318,30 @@ CASES = {
         [d / "out" / "pt_lora_model"],
     ),
     # sft
+    "sft-train-mem-alias-empty-value": lambda a, d: Case(
+        zh(
+            "train_mem",
+            "--model_name_or_path",
+            a["model"],
+            "--tokenizer_name_or_path",
+            a["tok"],
+            "--data_path",
+            write(
+                d / "bad.json",
+                '[\n{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": ""}]}\n]',
+            ),
+            "--output_dir",
+            d / "out",
+            "--model_max_length",
+            "64",
+        ),
+        [str(d / "bad.json")],
+        "remove the message or the record",
+        [d / "out"],
+        exact=f"zhtrain: error: {d / 'bad.json'}: line 2 (record 1), message 2: 'value' is empty; "
+        "remove the message or the record, "
+        "or fill it in",
+    ),
     "sft-data-missing": lambda a, d: Case(
         sft(a, d, data=d / "train.json"), ["--data_path", str(d / "train.json")], "pass a JSON/JSONL file", [d / "out"]
     ),
@@ -379,7 +377,7 @@ CASES = {
             "--tokenizer_name_or_path",
             a["tok"],
             "--data_path",
-            write(d / "train.json", ALPACA),
+            write(d / "train.json", ALPACA_ONE),
             "--output_dir",
             d / "model",
             "--model_max_length",
@@ -394,37 +392,44 @@ CASES = {
         [d / "model" / "model.safetensors.index.json"],
     ),
     "sft-preprocessed-output-is-the-data": lambda a, d: Case(
-        sft(a, d, "--preprocess_only", "--preprocessed_output", d / "train.json", data=write(d / "train.json", ALPACA)),
+        sft(
+            a,
+            d,
+            "--preprocess_only",
+            "--preprocessed_output",
+            d / "train.json",
+            data=write(d / "train.json", ALPACA_ONE),
+        ),
         ["--preprocessed_output", str(d / "train.json"), "is also a data file"],
         "choose another path",
         [d / "out"],
     ),
     "sft-preprocessed-output-without-preprocess-only": lambda a, d: Case(
-        sft(a, d, "--preprocessed_output", d / "enc.jsonl", data=write(d / "train.json", ALPACA)),
+        sft(a, d, "--preprocessed_output", d / "enc.jsonl", data=write(d / "train.json", ALPACA_ONE)),
         ["--preprocessed_output"],
         "add it, or drop --preprocessed_output",
         [d / "out", d / "enc.jsonl"],
     ),
     "sft-data-listed-twice": lambda a, d: Case(
-        sft(a, d, data=f"{write(d / 'train.json', ALPACA)},{d / 'train.json'}"),
+        sft(a, d, data=f"{write(d / 'train.json', ALPACA_ONE)},{d / 'train.json'}"),
         ["--data_path", "given twice"],
         "list each once",
         [d / "out"],
     ),
     "sft-lora-rank-zero": lambda a, d: Case(
-        sft(a, d, "--lora_rank", "0", data=write(d / "train.json", ALPACA)),
+        sft(a, d, "--lora_rank", "0", data=write(d / "train.json", ALPACA_ONE)),
         ["--lora_rank 0"],
         "must be at least 1",
         [d / "out"],
     ),
     "sft-max-train-samples-negative": lambda a, d: Case(
-        sft(a, d, "--max_train_samples", "-1", data=write(d / "train.json", ALPACA)),
+        sft(a, d, "--max_train_samples", "-1", data=write(d / "train.json", ALPACA_ONE)),
         ["--max_train_samples -1"],
         "must be at least 1",
         [d / "out"],
     ),
     "sft-peft-path-cut-short": lambda a, d: Case(
-        sft(a, d, "--peft_path", truncated_adapter(a, d), data=write(d / "train.json", ALPACA)),
+        sft(a, d, "--peft_path", truncated_adapter(a, d), data=write(d / "train.json", ALPACA_ONE)),
         [str(d / "cut" / "adapter_model.safetensors")],
         "copy it again",
         [d / "out" / "sft_lora_model"],
@@ -650,14 +655,11 @@ CASES = {
             "--output_dir",
             d / "merged_tok",
         ),
-        ["--chinese_sp_model_file", str(d / "zh.model")],
+        ["--chinese_sp_model_file", str(d / "zh.model"), "not a SentencePiece model file"],
         "pass the .model that sentencepiece wrote",
         [d / "merged_tok"],
     ),
 }
-
-
-ALPACA = json.dumps([{"instruction": "你好", "output": "你好！"}], ensure_ascii=False)
 
 
 def copy_folder(source: Path, dest: Path) -> Path:
@@ -717,8 +719,6 @@ def pickled_adapter(a, d: Path) -> Path:
     return d / "evil"
 
 
-# One case per command starts `python -m zhtrain` from scratch (anything printed at start-up would
-# show there); the others run in children forked from one warm process (tests/cli_forkserver.py).
 FRESH_PROCESS = {
     "unknown-command",
     "config-missing",
@@ -732,34 +732,18 @@ FRESH_PROCESS = {
 
 
 @pytest.fixture(scope="module")
-def results(assets):
-    """Run every case at once; returns name -> (case, folder, CompletedProcess-like)."""
+def results(assets, cli):
+    """Run every case at once; returns name -> (case, folder, CompletedProcess)."""
     cases = {}
     for name, build in CASES.items():
         folder = assets["root"] / "cases" / name
         folder.mkdir(parents=True)
         cases[name] = (build(assets, folder), folder)
-    server = subprocess.Popen(
-        [sys.executable, str(Path(__file__).parents[1] / "workers" / "cli_forkserver.py")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=ENV,
-        cwd=assets["root"],
-    )
-    assert json.loads(server.stdout.readline()) == {"ready": True}
-    for name, (case, folder) in cases.items():
-        if name not in FRESH_PROCESS:
-            job = {
-                "id": name,
-                "argv": case.argv[3:],
-                "cwd": str(folder),
-                "env": ENV,
-                "stdout": str(folder.parent / f"{name}.out"),
-                "stderr": str(folder.parent / f"{name}.err"),
-            }
-            server.stdin.write(json.dumps(job) + "\n")
-    server.stdin.close()
+    jobs = {
+        name: cli.submit(case.argv[3:], folder, ENV)
+        for name, (case, folder) in cases.items()
+        if name not in FRESH_PROCESS
+    }
 
     def fresh(name):
         case, folder = cases[name]
@@ -767,16 +751,7 @@ def results(assets):
 
     with ThreadPoolExecutor(1) as pool:
         done = dict(pool.map(fresh, sorted(FRESH_PROCESS & set(cases))))
-    for line in server.stdout:
-        reply = json.loads(line)
-        folder = cases[reply["id"]][1].parent
-        done[reply["id"]] = subprocess.CompletedProcess(
-            cases[reply["id"]][0].argv,
-            reply["rc"],
-            (folder / f"{reply['id']}.out").read_text(),
-            (folder / f"{reply['id']}.err").read_text(),
-        )
-    server.wait(timeout=60)
+    done.update({name: cli.wait(job) for name, job in jobs.items()})
     return {name: (cases[name][0], cases[name][1], done[name]) for name in cases}
 
 
@@ -790,6 +765,8 @@ def test_bad_input(results, name):
     for needed in case.names:
         assert needed in lines[0], f"the error does not name {needed!r}: {lines[0]}"
     assert case.fix in lines[0], f"the error does not say {case.fix!r}: {lines[0]}"
+    if case.exact is not None:
+        assert lines[0] == case.exact
     for path in case.untouched:
         assert not Path(path).exists(), f"{path} was written"
     leftovers = [p for p in folder.rglob("*") if ".tmp-" in p.name]
@@ -800,10 +777,6 @@ def test_catalogue_size():
     assert len(CASES) >= 25
     commands = {case.split("-")[0] for case in CASES}
     assert {"pretrain", "sft", "merge", "export", "generate", "tokenizer", "config"} <= commands
-
-
-# ---------------------------------------------------------------------------------------------
-# A full disk (a 1 MB tmpfs): the run stops with one line; nothing unfinished is resumed from
 
 
 @pytest.fixture
@@ -821,12 +794,12 @@ def tiny_disk(tmp_path):
     subprocess.run(["umount", str(mount_point)], check=False)
 
 
-def test_full_output_disk(tiny_disk, tmp_path, assets):
+def test_full_output_disk(tiny_disk, tmp_path, assets, cli):
     out = tiny_disk / "out"
     argv = pretrain(
         assets, tmp_path, "--output_dir", out, "--max_steps", "4", "--save_steps", "2", "--disable_tqdm", "True"
     )
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=ENV, cwd=tmp_path)
+    proc = cli.run(argv[3:], cwd=tmp_path, env=ENV)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert (

@@ -1,4 +1,4 @@
-"""Data files for SFT: formats, JSON/JSONL, every bad input with its file and line, padding."""
+"""Conversation data files: formats, JSON/JSONL, every bad input with its file and line."""
 
 from __future__ import annotations
 
@@ -6,11 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from sft_fixtures import sharegpt_records, write_alpaca, write_sharegpt
+from helpers import sharegpt_records, write_alpaca, write_sharegpt
 
 from zhtrain.data.chat import find_data_files, load_conversations
-from zhtrain.data.supervised import IGNORE_INDEX, PadToLongest, choose_pad_token
 from zhtrain.errors import ZhtrainError
 
 
@@ -179,55 +177,3 @@ def test_empty_dataset_and_missing_paths(tmp_path):
     (tmp_path / "dir").mkdir()
     with pytest.raises(ZhtrainError, match=r"--dataset_dir .*dir: no \*.json or \*.jsonl files"):
         find_data_files(str(tmp_path / "dir"), "--dataset_dir")
-
-
-def test_pad_to_longest_masks_padding_and_keeps_eos_that_equals_pad():
-    collate = PadToLongest(pad_token_id=2)
-    batch = collate(
-        [
-            {"input_ids": [1, 5, 6, 2], "labels": [IGNORE_INDEX, IGNORE_INDEX, 6, 2]},
-            {"input_ids": [1, 7], "labels": [IGNORE_INDEX, 7]},
-        ]
-    )
-    assert batch["input_ids"].tolist() == [[1, 5, 6, 2], [1, 7, 2, 2]]
-    assert batch["labels"].tolist() == [[-100, -100, 6, 2], [-100, 7, -100, -100]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]  # the real eos (=pad id) is attended
-    assert PadToLongest(0, pad_to_multiple_of=8)([{"input_ids": [1], "labels": [1]}])["input_ids"].shape == torch.Size(
-        [1, 8]
-    )
-
-
-def test_pad_token_choice(sp_tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(sp_tokenizer_dir))
-    size = len(tokenizer)
-    assert tokenizer.pad_token is None
-    assert "unk" in choose_pad_token(tokenizer) and tokenizer.pad_token == tokenizer.unk_token
-    assert len(tokenizer) == size  # never grows the vocabulary for padding
-    assert "own" in choose_pad_token(tokenizer)
-
-
-def test_an_error_raised_in_a_dataloader_worker_stays_one_line(capsys):
-    """--lazy_preprocess encodes in DataLoader workers: torch re-raises their error with the worker's
-    traceback in its message; the CLI still prints only the sentence."""
-    import torch
-
-    from zhtrain.errors import run_command
-
-    class BadRecord(torch.utils.data.Dataset):
-        def __len__(self):
-            return 1
-
-        def __getitem__(self, index):
-            raise ZhtrainError("train.json: line 3 (record 2): the template changes the reply; fix the record")
-
-    def main(argv):
-        list(torch.utils.data.DataLoader(BadRecord(), num_workers=1))
-
-    with pytest.raises(SystemExit) as exit_info:
-        run_command(main, [])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.splitlines() == [
-        "zhtrain: error: train.json: line 3 (record 2): the template changes the reply; fix the record"
-    ]

@@ -1,15 +1,16 @@
-"""Masks by construction: for every template, the trained tokens are exactly the replies + end token."""
+"""Masks by construction: for every template, the trained tokens are exactly the replies + end token.
+
+The same on SmolLM2's real tokenizer: tests/recipes/test_real_assets.py."""
 
 from __future__ import annotations
 
 import pytest
-from sft_fixtures import CONVERSATIONS, as_messages, make_chat_tokenizer
+from helpers import CONVERSATIONS, as_messages, check_labels_are_exactly_the_replies, encode_all, make_chat_tokenizer
 from transformers import AutoTokenizer
 
 from zhtrain.data.chat import Conversation
 from zhtrain.data.supervised import IGNORE_INDEX, encode_conversations
 from zhtrain.data.templates import TEMPLATES, get_template, load_saved_template, save_template
-from zhtrain.demo.assets import ensure_model
 from zhtrain.errors import ZhtrainError
 
 
@@ -25,34 +26,6 @@ def chat_tokenizer(sp_tokenizer_dir, tmp_path_factory):
     )
 
 
-def trained_spans(sample) -> list[list[int]]:
-    """Runs of consecutive trained positions, as token ids."""
-    spans, current = [], []
-    for token, label in zip(sample.input_ids, sample.labels):
-        if label != IGNORE_INDEX:
-            assert label == token  # labels are the inputs themselves (the model shifts)
-            current.append(token)
-        elif current:
-            spans.append(current)
-            current = []
-    return spans + ([current] if current else [])
-
-
-def encode_all(tokenizer, template_name, max_length=4096):
-    conversations = [Conversation(f"c{k}", as_messages(c), f"c{k}") for k, c in enumerate(CONVERSATIONS)]
-    return conversations, encode_conversations(conversations, tokenizer, get_template(template_name), max_length)
-
-
-def check_labels_are_exactly_the_replies(tokenizer, template_name, end_token):
-    conversations, samples = encode_all(tokenizer, template_name)
-    for conversation, sample in zip(conversations, samples):
-        replies = [m["content"] for m in conversation.messages if m["role"] == "assistant"]
-        decoded = [tokenizer.decode(span, skip_special_tokens=False) for span in trained_spans(sample)]
-        assert decoded == [reply + end_token for reply in replies], (template_name, conversation.id)
-        assert sample.truncated == 0 and sample.dropped is None
-        assert sample.turns == len(replies)
-
-
 @pytest.mark.parametrize("name", ["vicuna_v1.1", "alpaca", "llama2_chat"])
 def test_builtin_templates_train_exactly_the_replies_and_eos(sp_tokenizer, name):
     check_labels_are_exactly_the_replies(sp_tokenizer, name, sp_tokenizer.eos_token)
@@ -60,17 +33,6 @@ def test_builtin_templates_train_exactly_the_replies_and_eos(sp_tokenizer, name)
 
 def test_tokenizer_template_trains_exactly_the_replies_and_im_end(chat_tokenizer):
     check_labels_are_exactly_the_replies(chat_tokenizer, "tokenizer", "<|im_end|>")
-
-
-@pytest.fixture(scope="module")
-def smollm2_tokenizer():
-    return AutoTokenizer.from_pretrained(str(ensure_model()))  # fetched once and cached, as `zhtrain demo` does
-
-
-@pytest.mark.parametrize("name", list(TEMPLATES))
-def test_every_template_on_the_real_smollm2_tokenizer(name, smollm2_tokenizer):
-    tokenizer = smollm2_tokenizer
-    check_labels_are_exactly_the_replies(tokenizer, name, "<|im_end|>")  # SmolLM2's eos is <|im_end|>
 
 
 def test_prompt_parts_are_the_templates_text(sp_tokenizer):

@@ -155,7 +155,7 @@ def test_worker_processes_give_the_same_tokens(tmp_path, tokenizer, monkeypatch)
     monkeypatch.setattr(text, "BATCH_BYTES", 2048)  # so a small file has many batches for the pool
     data = tmp_path / "d"
     data.mkdir()
-    from fixtures import make_lines
+    from helpers import make_lines
 
     (data / "a.txt").write_text("\n".join(make_lines(600)), encoding="utf-8")
     one, _ = build_token_cache(find_text_files(str(data)), tokenizer, tmp_path / "c1", workers=1, show_progress=False)

@@ -3,28 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import pytest
+from helpers import SHARED_CORPUS, SHARED_TOKENIZERS, needs_shared_tokenizers, sp
 
 from zhtrain.data.encoders import AWKWARD_LINES, SentencePieceEncoder, choose_encoder
-from zhtrain.errors import ZhtrainError
 from zhtrain.tokenizer.loading import load_tokenizer
 from zhtrain.tokenizer.sentencepiece_llama import SentencePieceLlamaTokenizer
 
-REAL = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-LLAMA, CHINESE = REAL / "tokenizers" / "llama-32000.model", REAL / "tokenizers" / "chinese_sp-20000.model"
-PEOPLES_DAILY = REAL / "corpora" / "peoples-daily-199801.txt"
-needs_real = pytest.mark.skipif(
-    not (LLAMA.is_file() and CHINESE.is_file() and PEOPLES_DAILY.is_file()),
-    reason=f"real tokenizers / corpus not found under {REAL}",
-)
-
-
-def sp(path):
-    import sentencepiece as spm
-
-    return spm.SentencePieceProcessor(model_file=str(path))
+LLAMA, CHINESE = SHARED_TOKENIZERS / "llama-32000.model", SHARED_TOKENIZERS / "chinese_sp-20000.model"
+PEOPLES_DAILY = SHARED_CORPUS
+needs_real = __import__("pytest").mark.skipif(not PEOPLES_DAILY.is_file(), reason=f"{PEOPLES_DAILY} not found")
 
 
 def test_auto_loads_sentencepiece_with_the_seed_special_tokens(sp_tokenizer_dir):
@@ -41,17 +29,6 @@ def test_auto_loads_sentencepiece_with_the_seed_special_tokens(sp_tokenizer_dir)
     assert ids == raw.encode("a") + [raw.eos_id()] + raw.encode("b")
 
 
-def test_backend_choice_and_bad_values(sp_tokenizer_dir, tmp_path):
-    fast = load_tokenizer(str(sp_tokenizer_dir), backend="tokenizers")
-    assert not isinstance(fast, SentencePieceLlamaTokenizer) and hasattr(fast, "backend_tokenizer")
-    with pytest.raises(ZhtrainError, match="unknown; choose one of auto, sentencepiece, tokenizers"):
-        load_tokenizer(str(sp_tokenizer_dir), backend="slow")
-    fast.save_pretrained(str(tmp_path / "fast_only"))  # tokenizer.json, no tokenizer.model
-    with pytest.raises(ZhtrainError, match="needs a tokenizer.model"):
-        load_tokenizer(str(tmp_path / "fast_only"), backend="sentencepiece")
-    assert not isinstance(load_tokenizer(str(tmp_path / "fast_only")), SentencePieceLlamaTokenizer)
-
-
 def test_saved_folder_is_a_plain_llama_tokenizer_folder(sp_tokenizer_dir, tmp_path):
     from transformers import AutoTokenizer
 
@@ -65,13 +42,8 @@ def test_saved_folder_is_a_plain_llama_tokenizer_folder(sp_tokenizer_dir, tmp_pa
     assert len(again) == len(other) == len(tokenizer) and again.pad_token_id == other.pad_token_id == len(tokenizer) - 1
 
 
-def test_data_preparation_takes_raw_sentencepiece(sp_tokenizer_dir):
-    tokenizer = load_tokenizer(str(sp_tokenizer_dir))
-    assert isinstance(choose_encoder(tokenizer, ["some sample line", "another one"]), SentencePieceEncoder)
-
-
+@needs_shared_tokenizers
 @needs_real
-@pytest.mark.slow
 def test_chinese_merge_gives_sentencepiece_ids_where_the_fast_conversion_does_not(tmp_path):
     """The reason for the class: on the 49953 merge transformers' fast tokenizer differs from sentencepiece."""
     from zhtrain.build_tokenizer import main as tokenizer_main

@@ -1,19 +1,21 @@
 """Run many `zhtrain` command lines cheaply: import once, fork one child per command line.
 
 Each child is its own process running the real entry point (`zhtrain.cli.main`, what
-`python -m zhtrain` runs) with its own cwd, environment, stdout/stderr files and exit status; only
-the interpreter start-up and the imports (seconds of CPU each) are shared. Used by the bad-input
-catalogue; a few of its cases still start `python -m zhtrain` from scratch, so anything printed at
-start-up would be seen there.
+`python -m zhtrain` runs) with its own cwd, environment, stdin (/dev/null), stdout/stderr files
+and exit status; only the interpreter start-up and the imports (seconds of CPU each) are shared.
+The client is helpers.CliRunner. Tests that must see what a fresh `python -m zhtrain` prints at
+start-up run one instead (the bad-input catalogue does so once per command).
 
 Protocol: one JSON job per stdin line {"id", "argv", "cwd", "stdout", "stderr", "env"}; one JSON
-line {"id", "rc"} on stdout per finished job; stdin closed -> wait for the rest and exit.
+line {"id", "rc"} on stdout per finished job, as soon as it finishes; at most
+ZHTRAIN_FORKSERVER_POOL jobs run at once; stdin closed -> wait for the rest and exit.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import sys
 import traceback
 
@@ -39,6 +41,9 @@ def run_child(job: dict) -> None:
     os.chdir(job["cwd"])
     os.environ.clear()
     os.environ.update(job["env"])
+    nothing = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(nothing, 0)  # the protocol pipe is the server's, not the command's
+    os.close(nothing)
     for fd, path in ((1, job["stdout"]), (2, job["stderr"])):
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(target, fd)
@@ -69,22 +74,36 @@ def main() -> None:
     os.dup2(quiet, 1)  # import-time chatter (e.g. DeepSpeed's accelerator note) must not reach the protocol
     warm_imports()
     protocol.write(json.dumps({"ready": True}) + "\n")
+    stdin = sys.stdin.fileno()
     running: dict[int, str] = {}
+    pending: list[dict] = []
+    buffer, open_ = b"", True
 
-    def reap_one() -> None:
-        pid, status = os.wait()
-        protocol.write(json.dumps({"id": running.pop(pid), "rc": os.waitstatus_to_exitcode(status)}) + "\n")
-
-    for line in sys.stdin:
-        job = json.loads(line)
-        while len(running) >= POOL:
-            reap_one()
-        pid = os.fork()
-        if pid == 0:
-            run_child(job)
-        running[pid] = job["id"]
-    while running:
-        reap_one()
+    while open_ or pending or running:
+        while running:  # report every finished child at once
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            protocol.write(json.dumps({"id": running.pop(pid), "rc": os.waitstatus_to_exitcode(status)}) + "\n")
+        while pending and len(running) < POOL:
+            job = pending.pop(0)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                run_child(job)
+            running[pid] = job["id"]
+        if open_:
+            ready, _, _ = select.select([stdin], [], [], 0.02)
+            if ready:
+                chunk = os.read(stdin, 1 << 16)
+                if not chunk:
+                    open_ = False
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                pending += [json.loads(line) for line in lines if line.strip()]
+        else:
+            select.select([], [], [], 0.02)
 
 
 if __name__ == "__main__":

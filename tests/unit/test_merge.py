@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from merge_fixtures import ALL_TARGETS, extended_tokenizer, load_model, logits, make_adapter, peft_reference, sample_ids
-from merge_fixtures import copy_tokenizer as copy_tokenizer_files
+from helpers import ALL_TARGETS, extended_tokenizer, load_model, make_adapter, peft_reference, sample_ids
+from helpers import copy_tokenizer as copy_tokenizer_files
+from helpers import logits_of as logits
 
 from zhtrain import merge as merge_module
 from zhtrain.errors import ZhtrainError
@@ -225,52 +226,6 @@ def test_pth_output_round_trips_exactly(world, tmp_path):
     assert set(back) == set(hf)
     for name, tensor in back.items():
         assert torch.equal(tensor, hf[name]), name
-
-
-def test_unpermute_inverts_transformers_permute():
-    """zhtrain's unpermute is the inverse of the permute in transformers' own LLaMA conversion."""
-    w = torch.randn(64, 48)
-    for heads in (4, 8):
-        hf_layout = (
-            w.view(heads, 64 // heads // 2, 2, 48).transpose(1, 2).reshape(64, 48)
-        )  # convert_llama_weights_to_hf
-        assert torch.equal(meta.unpermute(hf_layout, heads), w)
-        assert torch.equal(meta.permute(meta.unpermute(w, heads), heads), w)
-
-
-def test_meta_split_rules_match_the_seed():
-    assert meta.split_sizes(49953, 2, uneven_ok=True, name="output.weight") == [24976, 24977]
-    parts = meta.to_meta_parts("lm_head.weight", torch.zeros(49953, 4), {"num_attention_heads": 2}, 2)
-    assert [p.shape[0] for _, p in parts] == [24976, 24977]
-    assert meta.default_num_shards(5120) == 2 and meta.default_num_shards(576) == 1
-    with pytest.raises(ZhtrainError, match="does not divide"):
-        meta.to_meta_parts("model.layers.0.mlp.down_proj.weight", torch.zeros(8, 10), {}, 3)
-
-
-def test_fan_in_fan_out_and_embedding_lora_are_transposed():
-    from zhtrain.weights.adapter_file import to_edits
-
-    A, B = torch.randn(2, 6), torch.randn(5, 2)
-    config = {"r": 2, "lora_alpha": 4, "fan_in_fan_out": True}
-    edits, _ = to_edits(
-        {"base_model.model.h.0.attn.c_attn.lora_A.weight": A, "base_model.model.h.0.attn.c_attn.lora_B.weight": B},
-        config,
-        Path("x"),
-    )
-    assert torch.allclose(edits["h.0.attn.c_attn.weight"].low_rank.delta(), (B @ A).T * 2)
-    edits, _ = to_edits(
-        {
-            "base_model.model.model.embed_tokens.lora_embedding_A": A,
-            "base_model.model.model.embed_tokens.lora_embedding_B": B,
-        },
-        {"r": 2, "lora_alpha": 2},
-        Path("x"),
-    )
-    assert edits["model.embed_tokens.weight"].low_rank.delta().shape == (6, 5)
-
-
-# ---------------------------------------------------------------------------------------------
-# Bad input: one line naming the input and the fix; nothing written
 
 
 def test_adapter_for_another_base_names_both_shapes(world, tmp_path):

@@ -1,19 +1,17 @@
-"""Config files: `zhtrain <cmd> config.yaml [--flag value ...]`, flags win, `--print_config`."""
+"""Config files and the command table: `zhtrain <cmd> config.yaml [--flag value ...]`, flags win, `--print_config`."""
 
 from __future__ import annotations
 
 import importlib
 import json
-from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO, seed_script_args
 
 from zhtrain.cli import COMMANDS, CommandParser
 from zhtrain.errors import ZhtrainError
 from zhtrain.pretrain import parse_pretrain_args
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def printed_config(capsys, parse, argv) -> dict:
@@ -24,9 +22,9 @@ def printed_config(capsys, parse, argv) -> dict:
 
 
 def test_example_pretrain_yaml_means_the_same_as_run_pt_sh():
-    from fixtures import seed_script_args
-
-    from_script = parse_pretrain_args(seed_script_args(REPO / "examples" / "run_pt.sh", {"RANDOM": "42"}))
+    from_script = parse_pretrain_args(
+        seed_script_args(REPO / "examples" / "run_pt.sh", "zhtrain.pretrain", {"RANDOM": "42"})
+    )
     from_yaml = parse_pretrain_args([str(REPO / "examples" / "pretrain.yaml"), "--seed", "42"])
     from dataclasses import fields
 
@@ -125,7 +123,6 @@ def test_command_parser_config_positionals_booleans_and_print_config(tmp_path, c
         parser.parse_args(["m", "--outtype", "q3"])
 
 
-# command -> (how the CLI calls it, config-file settings, a flag given after the file)
 COMMAND_CONFIGS = {
     "pretrain": ("zhtrain.pretrain", [], {"output_dir": "o", "lora_rank": 4}, ["--lora_rank", "16"]),
     "sft": ("zhtrain.sft", [], {"output_dir": "o", "data_path": "train.json"}, ["--template", "alpaca"]),

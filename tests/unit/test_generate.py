@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from merge_fixtures import load_model, make_adapter
+from helpers import load_model, make_adapter
 
 from zhtrain.errors import ZhtrainError
 from zhtrain.generate import SAMPLING_DEFAULTS, generate, parse_generate_args
