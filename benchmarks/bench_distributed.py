@@ -175,7 +175,7 @@ def worker(argv: list[str]) -> None:
 
 def make_assets(root: Path, hidden: int, layers: int) -> tuple[Path, Path, Path]:
     sys.path.insert(0, str(REPO / "tests"))
-    from fixtures import make_lines, make_sp_tokenizer, make_tiny_llama  # the tests' in-process builders
+    from helpers import make_lines, make_sp_tokenizer, make_tiny_llama  # the tests' in-process builders
 
     tokenizer = make_sp_tokenizer(root / "tokenizer")
     model = root / "model"

@@ -42,7 +42,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_H
 
 
 def make_assets(root: Path, files: int, lines: int) -> dict:
-    from fixtures import make_sp_tokenizer, make_text_dir, make_tiny_llama
+    from helpers import make_sp_tokenizer, make_text_dir, make_tiny_llama
 
     assets = {"tokenizer": root / "tokenizer", "model": root / "model", "data": root / "data"}
     if not (assets["model"] / "config.json").is_file():

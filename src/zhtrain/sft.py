@@ -44,6 +44,7 @@ from zhtrain.data.supervised import (
 )
 from zhtrain.data.templates import get_template, save_template
 from zhtrain.distributed import sharded
+from zhtrain.distributed.engines import close_process_group
 from zhtrain.errors import (
     ZhtrainError,
     at_least,
@@ -561,7 +562,8 @@ class SaveTemplateCallback(TrainerCallback):
 
 
 def main(argv=None) -> None:
-    sft(*parse_sft_args(argv))
+    sft(*parse_sft_args(argv))  # the result (trainer, engine) is dropped before the group closes
+    close_process_group()
 
 
 if __name__ == "__main__":

@@ -39,3 +39,16 @@ def test_deepspeed_config_contradicting_the_flags_is_one_line(tmp_path, tiny_mod
         r"per_device_train_batch_size=1\); set them to \"auto\"",
     ):
         parse_pretrain_args(argv)
+
+
+def test_close_process_group_shuts_the_group_down_before_exit(tmp_path):
+    """Training commands end with it: the group is destroyed while the process still runs (gloo's teardown
+    during interpreter exit could abort a rank that finished); without a group it does nothing."""
+    import torch
+
+    from zhtrain.distributed.engines import close_process_group
+
+    close_process_group()
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    close_process_group()
+    assert not torch.distributed.is_initialized()
